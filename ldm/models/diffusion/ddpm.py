@@ -1,0 +1,364 @@
+"""DDPM / LatentDiffusion: the facade that owns the weights under their CompVis names and delegates the math.
+
+State-dict layout (the compatibility contract, DESIGN.md §2): the schedule buffers of `schedule.SCHEDULE_BUFFERS`,
+``model.diffusion_model.*`` (UNet), ``model_ema.*`` (`LitEma`), ``first_stage_model.*`` (VAE) and
+``cond_stage_model.*`` (text encoder), in that order. Schedule math lives in `schedule.py`; nothing here adds keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ldm.models.diffusion import schedule as sched
+from ldm.modules.ema import LitEma
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+ConditioningKey = Literal["concat", "crossattn", "hybrid"]
+
+_reported_legacy: set[str] = set()
+
+
+def report_legacy_param(owner: str, name: str, value: Any, reason: str) -> None:
+    """Log once per process that a legacy config parameter is accepted but has no effect."""
+    if value is None or (owner, name) in _reported_legacy:
+        return
+    _reported_legacy.add((owner, name))
+    logger.warning("%s: config parameter %r is accepted for compatibility and ignored (%s)", owner, name, reason)
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` and routes conditioning into it (CompVis key ``model.diffusion_model``)."""
+
+    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: ConditioningKey | None) -> None:
+        super().__init__()
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid"):
+            raise ValueError(f"conditioning_key must be concat, crossattn or hybrid, got {conditioning_key!r}")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        c_concat: Sequence[torch.Tensor] | None = None,
+        c_crossattn: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) noisy latent; c_concat: latents joined on channels; c_crossattn: (B, L, D) contexts."""
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key in ("concat", "hybrid"):
+            if not c_concat:
+                raise ValueError(f"conditioning_key {key!r} needs c_concat")
+            x = torch.cat([x, *c_concat], dim=1)  # (B, C + C_cond, H, W)
+        context = None
+        if key in ("crossattn", "hybrid"):
+            if not c_crossattn:
+                raise ValueError(f"conditioning_key {key!r} needs c_crossattn")
+            context = torch.cat(list(c_crossattn), dim=1)  # (B, L, D)
+        return self.diffusion_model(x, t, context=context)
+
+
+class DDPM(pl.LightningModule):
+    """Denoising diffusion model (Ho et al. 2020) with the CompVis constructor and buffer names.
+
+    Subclasses build their other modules, then call `finish_init` (checkpoint load, EMA, freezing).
+
+    Args:
+        unet_config: ``target``/``params`` of the denoising network.
+        timesteps, beta_schedule, linear_start, linear_end, cosine_s, given_betas, v_posterior: the noise schedule.
+        use_ema: keep an EMA copy of the UNet as ``model_ema``.
+        load_ema: with ``use_ema``, build the EMA before loading ``ckpt_path`` so the file's EMA weights load into
+            it (InstructPix2Pix inference); otherwise the EMA starts from the loaded weights (fine-tuning).
+        parameterization: what the network predicts, ``"eps"`` (SD v1) or ``"x0"``.
+    """
+
+    def __init__(
+        self,
+        unet_config: Mapping[str, Any],
+        timesteps: int = 1000,
+        beta_schedule: sched.BetaSchedule = "linear",
+        loss_type: Literal["l1", "l2"] = "l2",
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        load_only_unet: bool = False,
+        monitor: str = "val/loss",
+        use_ema: bool = True,
+        first_stage_key: str = "image",
+        image_size: int = 256,
+        channels: int = 3,
+        log_every_t: int = 100,
+        clip_denoised: bool = True,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas: Sequence[float] | None = None,
+        original_elbo_weight: float = 0.0,
+        v_posterior: float = 0.0,
+        l_simple_weight: float = 1.0,
+        conditioning_key: ConditioningKey | None = None,
+        parameterization: Literal["eps", "x0"] = "eps",
+        scheduler_config: Mapping[str, Any] | None = None,
+        use_positional_encodings: bool = False,
+        learn_logvar: bool = False,
+        logvar_init: float = 0.0,
+        load_ema: bool = True,
+        unfreeze_model: bool = True,
+        embedding_reg_weight: float | None = None,
+        model_lr: float | None = None,
+    ) -> None:
+        super().__init__()
+        if parameterization not in ("eps", "x0"):
+            raise ValueError(f"parameterization must be 'eps' or 'x0', got {parameterization!r}")
+        if loss_type not in ("l1", "l2"):
+            raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
+        if use_positional_encodings:
+            raise NotImplementedError("use_positional_encodings is not supported (no SD/IP2P config uses it)")
+        owner = type(self).__name__
+        report_legacy_param(owner, "embedding_reg_weight", embedding_reg_weight, "textual-inversion leftover")
+        report_legacy_param(owner, "model_lr", model_lr, "textual-inversion leftover; base_learning_rate sets the LR")
+        report_legacy_param(owner, "log_every_t", None if log_every_t == 100 else log_every_t, "sampling logs only")
+        self.parameterization = parameterization
+        self.loss_type = loss_type
+        self.monitor = monitor
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.log_every_t = log_every_t
+        self.clip_denoised = clip_denoised
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.v_posterior = v_posterior
+        self.scheduler_config = scheduler_config
+        self.unfreeze_model = unfreeze_model
+
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        self.load_ema = load_ema
+        if use_ema and load_ema:
+            self.model_ema = LitEma(self.model)
+
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.logvar = logvar
+        self._ckpt_path = ckpt_path
+        self._ignore_keys = tuple(ignore_keys)
+        self._load_only_unet = load_only_unet
+
+    def finish_init(self) -> None:
+        """Load ``ckpt_path`` and, for ``use_ema`` without ``load_ema``, build the EMA from the loaded weights."""
+        if self._ckpt_path:
+            self.init_from_ckpt(self._ckpt_path, self._ignore_keys, only_model=self._load_only_unet)
+        if self.use_ema and not self.load_ema:
+            self.model_ema = LitEma(self.model)
+        if not self.unfreeze_model:
+            self.model.eval()
+            self.model.requires_grad_(False)
+
+    def register_schedule(
+        self,
+        given_betas: Sequence[float] | None = None,
+        beta_schedule: sched.BetaSchedule = "linear",
+        timesteps: int = 1000,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+    ) -> None:
+        """Compute the schedule in float64 and register it as float32 buffers under the CompVis names."""
+        if given_betas is not None:
+            betas = torch.as_tensor(given_betas, dtype=torch.float64)
+        else:
+            betas = sched.make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.num_timesteps = int(betas.shape[0])
+        self.linear_start, self.linear_end = linear_start, linear_end
+        buffers = sched.schedule_buffers(betas, self.v_posterior)
+        for name in sched.SCHEDULE_BUFFERS:
+            self.register_buffer(name, buffers[name].to(torch.float32))
+        weights = sched.lvlb_weights(buffers, self.parameterization)
+        self.register_buffer("lvlb_weights", weights.to(torch.float32), persistent=False)
+
+    def schedule(self) -> dict[str, torch.Tensor]:
+        """The schedule buffers as a dict (for the pure functions of `schedule.py`)."""
+        return {name: getattr(self, name) for name in sched.SCHEDULE_BUFFERS}
+
+    def ignorable_keys(self) -> list[str]:
+        """Regexes of checkpoint keys this model may meet and legitimately not use."""
+        if not self.use_ema or not self.load_ema:
+            return [r"^model_ema\."]  # no EMA here, or the EMA is rebuilt from the loaded weights
+        return []
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
+        """Load ``path`` strictly (after the named migrations of `ldm.checkpoint`); ``ignore_keys`` are prefixes."""
+        from ldm.checkpoint import load_model_weights, load_state_dict_file
+
+        state = load_state_dict_file(path)
+        state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_keys))}
+        target: nn.Module = self
+        if only_model:
+            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+            target = self.model
+        load_model_weights(target, state, source=str(path), ignorable=self.ignorable_keys())
+        logger.info("restored %s from %s", type(target).__name__, path)
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Temporarily swap the EMA weights into ``model`` (no-op without EMA)."""
+        if not self.use_ema:
+            yield
+            return
+        self.model_ema.store(self.model.parameters())
+        self.model_ema.copy_to(self.model)
+        if context is not None:
+            logger.info("%s: switched to EMA weights", context)
+        try:
+            yield
+        finally:
+            self.model_ema.restore(self.model.parameters())
+            if context is not None:
+                logger.info("%s: restored training weights", context)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) (Ho et al. Eq. 4)."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return sched.q_sample(x_start, t, noise, self.schedule())
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_0 from x_t and ε (inverse of Ho et al. Eq. 4)."""
+        return sched.predict_start_from_noise(x_t, t, noise, self.schedule())
+
+
+class LatentDiffusion(DDPM):
+    """Latent diffusion (Rombach et al. 2022): DDPM on VAE latents, conditioned through ``cond_stage_model``.
+
+    Args:
+        first_stage_config: the autoencoder (frozen, never trained here).
+        cond_stage_config: the text encoder; ``cond_stage_trainable`` makes it train with the UNet.
+        scale_factor: latents are multiplied by it after encoding (0.18215 for SD v1).
+        conditioning_key: ``crossattn`` (SD v1 text-to-image) or ``hybrid`` (InstructPix2Pix: image latent
+            concatenated to the input, text through cross-attention).
+        reg_weight: DreamBooth prior-preservation weight λ in ``loss_train + λ·loss_reg``.
+    """
+
+    def __init__(
+        self,
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any] | str,
+        num_timesteps_cond: int | None = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: str | None = None,
+        conditioning_key: ConditioningKey | None = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        reg_weight: float = 1.0,
+        personalization_config: Mapping[str, Any] | None = None,
+        **ddpm_kwargs: Any,
+    ) -> None:
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        if scale_by_std:
+            raise NotImplementedError("scale_by_std is not supported (SD v1 and InstructPix2Pix use a fixed scale)")
+        if num_timesteps_cond not in (None, 1):
+            raise NotImplementedError(f"num_timesteps_cond={num_timesteps_cond} (conditional schedule shortening)")
+        _check_ddpm_kwargs(ddpm_kwargs)
+        super().__init__(conditioning_key=conditioning_key, **ddpm_kwargs)
+        report_legacy_param(type(self).__name__, "personalization_config", personalization_config,
+                            "textual-inversion EmbeddingManager, never built by DreamBooth")
+        self.num_timesteps_cond = 1
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_forward = cond_stage_forward
+        self.scale_factor = float(scale_factor)
+        self.reg_weight = float(reg_weight)
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.finish_init()
+
+    def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
+        """Build the autoencoder, frozen and in eval mode for good."""
+        model = instantiate_from_config(config)
+        model.eval()
+        model.requires_grad_(False)
+        self.first_stage_model = model
+
+    def instantiate_cond_stage(self, config: Mapping[str, Any] | str) -> None:
+        """Build the conditioning encoder; frozen unless ``cond_stage_trainable``."""
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            raise NotImplementedError(f"cond_stage_config {config!r} (only a text encoder is supported)")
+        if self.cond_stage_trainable:
+            model = instantiate_from_config(config, **_trainable_kwargs(config))
+        else:
+            model = instantiate_from_config(config)
+            model.eval()
+            model.requires_grad_(False)
+        self.cond_stage_model = model
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        """Switch training mode; the frozen parts (VAE, a frozen text encoder) always stay in eval mode."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        if not self.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
+    def get_learned_conditioning(self, c: Sequence[str]) -> torch.Tensor:
+        """Text → cross-attention context (B, L, D)."""
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        return self.cond_stage_model.encode(c)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        """Pixels in [-1, 1] (B, 3, H, W) → the posterior distribution (``.mode()``/``.sample()``), unscaled."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample the posterior and apply ``scale_factor`` (the diffusion target's latent)."""
+        if isinstance(posterior, torch.Tensor):
+            z = posterior
+        else:
+            z = posterior.sample(generator=generator)
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (B, 4, h, w) → pixels (B, 3, 8h, 8w) in about [-1, 1]."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Run the UNet; ``cond`` is a dict ``{"c_concat": [...], "c_crossattn": [...]}`` or a bare tensor."""
+        if not isinstance(cond, Mapping):
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond}
+        cond = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in cond.items()}
+        return self.model(x_noisy, t, **cond)
+
+
+def _trainable_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Ask the encoder to stay trainable when its class supports a ``freeze`` switch."""
+    cls = get_obj_from_str(config["target"])
+    return {"freeze": False} if "freeze" in inspect.signature(cls).parameters else {}
+
+
+def _check_ddpm_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """LatentDiffusion forwards ``**kwargs`` to DDPM: reject misspelled names here, naming them."""
+    accepted = set(inspect.signature(DDPM.__init__).parameters) - {"self", "conditioning_key"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ConfigError(f"LatentDiffusion: unknown parameter(s) {', '.join(unknown)} (DDPM accepts: {', '.join(sorted(accepted))})")

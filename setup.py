@@ -1,0 +1,39 @@
+"""Instruct2Dream: DreamBooth-style personalization of InstructPix2Pix on the CompVis latent-diffusion codebase."""
+
+from setuptools import find_packages, setup
+
+# Exact pins that install together on a CPU-only machine without replacing torch (docs/environment.md):
+# nothing here depends on torchvision, which would pull a multi-GB CUDA torch.
+# `torch==2.13.0` also matches the CUDA builds of the same release (2.13.0+cu1xx), see environment.yaml.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "pytorch-lightning==2.6.6",
+    "omegaconf==2.4.0",
+    "einops==0.8.2",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "kornia==0.9.0",
+    "pillow==13.0.0",
+    "numpy==2.4.6",
+    "tqdm==4.70.1",
+    "safetensors==0.8.0",
+    "ftfy==6.3.1",
+    "regex==2026.11.19",
+]
+
+# Test-only: diffusers is the reference oracle; scikit-image ships real photos usable offline.
+TEST_REQUIRES = [
+    "diffusers==0.42.1",
+    "scikit-image==0.26.0",
+    "pytest==9.2.0",
+]
+
+setup(
+    name="instruct2dream",
+    version="0.1.0",
+    description="Few-shot personalized image editing: DreamBooth on InstructPix2Pix (CompVis latent-diffusion fork)",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)

@@ -1,0 +1,50 @@
+"""Test tiers and the offline environment shared by every test.
+
+Tiers: the default (fast, CPU); ``slow`` (full-size models, run with ``--slow`` or ``-m slow``);
+``gpu`` (skipped unless CUDA is available).
+"""
+
+from __future__ import annotations
+
+import os
+
+# No model hub is reachable here: make every hub access fail at once instead of retrying for minutes.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", default=False, help="also run the slow tier")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: full-size models or long runs; enabled by --slow or -m slow")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_slow = config.getoption("--slow") or "slow" in (config.getoption("-m") or "")
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow tier: run with --slow"))
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="gpu tier: CUDA not available"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    """Every test starts from the same RNG state."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
