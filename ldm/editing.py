@@ -1,0 +1,192 @@
+"""InstructPix2Pix editing: load a model for inference and edit batches of images with dual guidance.
+
+The sampling loop follows InstructPix2Pix's ``edit_cli.py`` (Brooks et al. 2023): the input image's latent is the
+posterior mode (unscaled), the null text is ``encoder("")``, the null image a zero latent, and the sampler walks
+the model's own discrete sigmas (k-diffusion ``CompVisDenoiser``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager, Literal, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import ema_key, load_model_weights, load_state_dict_file
+from ldm.models.diffusion.guidance import DualCFGDenoiser, null_conditioning
+from ldm.models.diffusion.sampling import CompVisDenoiser, get_sampler
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "bf16"]
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA if available, else Apple MPS, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def autocast_for(device: torch.device, precision: Precision) -> ContextManager[Any]:
+    """Mixed-precision context for ``precision`` (weights stay fp32, as InstructPix2Pix's own ``autocast``)."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def has_ema_weights(state: dict[str, torch.Tensor]) -> bool:
+    """True when every UNet parameter of ``state`` has its LitEma twin."""
+    unet = [k for k in state if k.startswith("model.diffusion_model.")]
+    return bool(unet) and all(ema_key(k) in state for k in unet)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what was loaded into it."""
+
+    model: Any
+    ckpt_path: Path
+    used_ema: bool
+
+
+def load_model(
+    config_path: str | os.PathLike[str],
+    ckpt_path: str | os.PathLike[str],
+    *,
+    ema: bool | None = None,
+    device: torch.device | str = "cpu",
+    tokenizer: str | None = None,
+) -> LoadedModel:
+    """Build the model of ``config_path`` and load ``ckpt_path`` strictly for inference.
+
+    Args:
+        ema: True → the checkpoint's EMA UNet weights (error if it has none); False → its training weights;
+            None → EMA when the file has a complete EMA copy (the released InstructPix2Pix checkpoint), else the
+            training weights (our fine-tuned exports store the chosen weights under ``model.*``).
+        tokenizer: a local tokenizer folder or hub id for the text encoder (offline machines).
+    """
+    config_path, ckpt_path = Path(config_path), Path(ckpt_path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config not found: {config_path}")
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint not found: {ckpt_path} (download the InstructPix2Pix checkpoint with "
+            "`python scripts/download_checkpoint.py`, or pass --ckpt)"
+        )
+    config = OmegaConf.load(config_path)
+    if "model" not in config:
+        raise ValueError(f"{config_path}: no 'model' section")
+    params = config.model.setdefault("params", {})
+    params.pop("ckpt_path", None)  # loaded below, once and strictly
+    params["use_ema"] = False  # EMA weights, when wanted, are copied into model.* instead of kept twice
+    if tokenizer is not None:
+        params.cond_stage_config.setdefault("params", {})["tokenizer"] = tokenizer
+    state = load_state_dict_file(ckpt_path)
+    available = has_ema_weights(state)
+    use_ema = available if ema is None else ema
+    model = instantiate_from_config(config.model)
+    load_model_weights(
+        model,
+        state,
+        source=str(ckpt_path),
+        migrations=["use_ema_weights"] if use_ema else [],
+        ignorable=[r"^model_ema\."],
+    )
+    del state
+    logger.info("loaded %s (%s UNet weights)", ckpt_path, "EMA" if use_ema else "non-EMA")
+    model = model.to(device).eval()
+    return LoadedModel(model=model, ckpt_path=ckpt_path, used_ema=use_ema)
+
+
+def _noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device) -> torch.Tensor:
+    """One standard-normal draw per sample, each from its own CPU generator: independent of batching and device."""
+    draws = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(draws).to(device)
+
+
+class _PerSampleNoise:
+    """Ancestral-step noise drawn per sample from seeded generators (reproducible whatever the batch)."""
+
+    def __init__(self, shape: Sequence[int], seeds: Sequence[int], device: torch.device) -> None:
+        self.shape = tuple(shape)
+        self.generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
+        self.device = device
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+
+
+@torch.no_grad()
+def edit_latents(
+    model: Any,
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    text_scales: Sequence[float],
+    image_scales: Sequence[float],
+    seeds: Sequence[int],
+    steps: int = 100,
+    sampler: str = "euler_ancestral",
+    precision: Precision = "fp32",
+    progress: bool = False,
+    initial_noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Edit ``images`` (B, 3, H, W) in [-1, 1] following ``prompts``; returns the final scaled latents (B, 4, H/8, W/8).
+
+    Each sample has its own text/image guidance scale and seed. ``initial_noise`` (B, 4, H/8, W/8), if given,
+    replaces the seeded initial draw (for parity tests).
+    """
+    batch = images.shape[0]
+    if not (len(prompts) == len(text_scales) == len(image_scales) == len(seeds) == batch):
+        raise ValueError("prompts, text_scales, image_scales and seeds need one entry per image")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = images.device
+    with autocast_for(device, precision):
+        cond_text = model.get_learned_conditioning(list(prompts))  # (B, 77, D)
+        null_text = model.get_learned_conditioning([""])  # (1, 77, D)
+        image_latent = model.encode_first_stage(images).mode()  # (B, 4, h, w), unscaled as in IP2P
+    cond = {"c_crossattn": [cond_text.float()], "c_concat": [image_latent.float()]}
+    uncond = null_conditioning(cond, null_text.float())
+    denoiser = CompVisDenoiser(model)
+    sigmas = denoiser.get_sigmas(steps).to(device)
+    latent_shape = image_latent.shape[1:]
+    noise = _noise(latent_shape, seeds, device) if initial_noise is None else initial_noise.to(device)
+    z = noise * sigmas[0]
+    as_column = lambda values: torch.tensor(values, device=device, dtype=z.dtype).view(-1, 1, 1, 1)  # noqa: E731
+    extra_args = {
+        "cond": cond,
+        "uncond": uncond,
+        "text_cfg_scale": as_column(text_scales),
+        "image_cfg_scale": as_column(image_scales),
+    }
+    kwargs: dict[str, Any] = {"extra_args": extra_args, "disable": not progress}
+    if sampler != "euler":
+        kwargs["noise_sampler"] = _PerSampleNoise(latent_shape, seeds, device)
+    with autocast_for(device, precision):
+        z = get_sampler(sampler)(DualCFGDenoiser(denoiser), z, sigmas, **kwargs)
+    return z.float()
+
+
+@torch.no_grad()
+def decode_to_images(model: Any, latents: torch.Tensor, precision: Precision = "fp32") -> torch.Tensor:
+    """Scaled latents (B, 4, h, w) → pixels (B, 3, 8h, 8w) clamped to [-1, 1]."""
+    with autocast_for(latents.device, precision):
+        x = model.decode_first_stage(latents)
+    return x.float().clamp(-1.0, 1.0)

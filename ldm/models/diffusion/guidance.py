@@ -1,0 +1,105 @@
+"""Classifier-free guidance: single scale (text) and InstructPix2Pix's dual scale (text + image).
+
+Conditionings are CompVis hybrid dicts ``{"c_crossattn": [emb (B, 77, D)], "c_concat": [latent (B, 4, h, w)]}``.
+The guidance combinations are affine with weights summing to one, so they apply equally to eps and to denoised
+outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Conditioning = dict[str, list[torch.Tensor]]
+# a guidance scale: one number, or per-sample scales shaped to broadcast, e.g. (B, 1, 1, 1)
+Scale = float | torch.Tensor
+
+
+def single_guidance(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale: Scale) -> torch.Tensor:
+    """Classifier-free guidance ``d_u + s (d_c - d_u)`` (Ho & Salimans 2022, Eq. 6 with s = 1 + w)."""
+    return d_uncond + scale * (d_cond - d_uncond)
+
+
+def dual_guidance(
+    d_full: torch.Tensor,
+    d_image_only: torch.Tensor,
+    d_uncond: torch.Tensor,
+    text_scale: Scale,
+    image_scale: Scale,
+) -> torch.Tensor:
+    """InstructPix2Pix guidance ``d_u + s_T (d_TI - d_I) + s_I (d_I - d_u)`` (Brooks et al. 2023, Eq. 3)."""
+    return d_uncond + text_scale * (d_full - d_image_only) + image_scale * (d_image_only - d_uncond)
+
+
+def _match_batch(x: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+    """Broadcast a batch-1 conditioning tensor to ``batch_size``; other mismatches are errors."""
+    if x.shape[0] == batch_size:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch_size, *x.shape[1:])
+    raise ValueError(f"{name} has batch {x.shape[0]}, expected {batch_size} (or 1)")
+
+
+def _single(cond: Conditioning, key: str) -> torch.Tensor:
+    """The one tensor stored under ``cond[key]`` (CompVis wraps each conditioning in a list)."""
+    if key not in cond:
+        raise KeyError(f"conditioning lacks {key!r}; it has {sorted(cond)}")
+    values = cond[key]
+    if len(values) != 1:
+        raise ValueError(f"expected exactly one tensor under {key!r}, got {len(values)}")
+    return values[0]
+
+
+def null_conditioning(cond: Conditioning, null_text: torch.Tensor) -> Conditioning:
+    """Unconditional IP2P conditioning: null-text embedding (``encoder("")``) and a zero image latent.
+
+    Args:
+        cond: the conditional dict; its ``c_concat`` latent gives the shape of the zero latent.
+        null_text: (1 or B, 77, D) embedding of the empty prompt.
+    """
+    latent = _single(cond, "c_concat")
+    return {
+        "c_crossattn": [_match_batch(null_text, latent.shape[0], "null_text")],
+        "c_concat": [torch.zeros_like(latent)],
+    }
+
+
+def dual_guidance_conditioning(cond: Conditioning, uncond: Conditioning, batch_size: int) -> Conditioning:
+    """Stack the three IP2P branches [(text, image), (null text, image), (null text, null image)] into batch 3B."""
+    text = _match_batch(_single(cond, "c_crossattn"), batch_size, "cond c_crossattn")
+    image = _match_batch(_single(cond, "c_concat"), batch_size, "cond c_concat")
+    null_text = _match_batch(_single(uncond, "c_crossattn"), batch_size, "uncond c_crossattn")
+    null_image = _match_batch(_single(uncond, "c_concat"), batch_size, "uncond c_concat")
+    return {
+        "c_crossattn": [torch.cat([text, null_text, null_text])],  # (3B, 77, D)
+        "c_concat": [torch.cat([image, image, null_image])],  # (3B, 4, h, w)
+    }
+
+
+class DualCFGDenoiser:
+    """Three-way classifier-free guidance around a sigma-space denoiser (InstructPix2Pix ``CFGDenoiser``).
+
+    The three branches run in one batched call of the inner denoiser, then combine with :func:`dual_guidance`.
+    """
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor]) -> None:
+        self.inner_model = denoiser
+
+    def __call__(
+        self,
+        z: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        uncond: Conditioning,
+        text_cfg_scale: Scale,
+        image_cfg_scale: Scale,
+    ) -> torch.Tensor:
+        """Guided denoised output for ``z`` (B, C, h, w) at noise levels ``sigma`` (B,)."""
+        batch_size = z.shape[0]
+        cfg_z = torch.cat([z, z, z])  # (3B, C, h, w)
+        cfg_sigma = torch.cat([sigma, sigma, sigma])  # (3B,)
+        cfg_cond = dual_guidance_conditioning(cond, uncond, batch_size)
+        out = self.inner_model(cfg_z, cfg_sigma, cond=cfg_cond)  # (3B, C, h, w)
+        out_full, out_image_only, out_uncond = out.chunk(3)
+        return dual_guidance(out_full, out_image_only, out_uncond, text_cfg_scale, image_cfg_scale)

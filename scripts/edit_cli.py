@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Edit images with an InstructPix2Pix model (the released checkpoint or one fine-tuned with main.py).
+
+    python scripts/edit_cli.py --input photo.jpg --output out.png --edit "replace the wolf with a sks dog"
+    python scripts/edit_cli.py --input photos/ --output edited/ --edit "make it snowy" --seed 42
+    python scripts/edit_cli.py --input "photos/*.jpg" --output sweep/ --edit "..." --cfg-text 5 7.5 --cfg-image 1.2 1.5
+
+A list of guidance scales edits every image once per (text, image) pair and also writes a labelled grid. Every
+output PNG records its settings (seed included) in a text chunk named ``instruct2dream``. Inputs are never
+overwritten; existing outputs only with --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_CKPT = "models/instruct-pix2pix/instruct-pix2pix-00-22000.ckpt"
+DEFAULT_CONFIG = "configs/instruct-pix2pix/generate.yaml"
+SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim")
+METADATA_KEY = "instruct2dream"
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class UsageError(ValueError):
+    """A bad command-line value; reported without a traceback."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One edit: an input image under one pair of guidance scales, written to ``output``."""
+
+    source: Path
+    cfg_text: float
+    cfg_image: float
+    output: Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Edit images following a text instruction (InstructPix2Pix, three-way classifier-free guidance).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="an image file, a folder of images, or a quoted glob pattern")
+    parser.add_argument("--output", required=True, help="output image file (one input, one setting) or folder")
+    parser.add_argument("--edit", required=True, help='the instruction, e.g. "replace the wolf with a sks dog"')
+    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help="model weights (.ckpt or .safetensors, original layout)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config (YAML, target/params)")
+    parser.add_argument("--steps", type=int, default=100, help="sampling steps")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="about this many pixels on the long side; both sides become multiples of 64")
+    parser.add_argument("--cfg-text", type=float, nargs="+", default=[7.5],
+                        help="text guidance scale s_T; several values make a sweep")
+    parser.add_argument("--cfg-image", type=float, nargs="+", default=[1.5],
+                        help="image guidance scale s_I; several values make a sweep")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn at random and recorded)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="euler_ancestral", help="sampler")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                        help="autocast precision; auto = fp16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--batch-size", type=int, default=1, help="edits per model call (same-size images only)")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
+                     help="use the checkpoint's EMA UNet weights (error if it has none)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false",
+                     help="use the checkpoint's training (non-EMA) UNet weights")
+    parser.add_argument("--tokenizer", default=None,
+                        help="local CLIP tokenizer folder for offline machines (see README, 'Offline tokenizer')")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.resolution < 64:
+        parser.error(f"--resolution must be at least 64, got {args.resolution}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
+
+
+def find_inputs(spec: str) -> list[Path]:
+    """Expand ``--input``: a file, the image files of a folder (sorted), or the image files matching a glob."""
+    from ldm.data.transforms import is_image_file
+
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
+        if not found:
+            raise UsageError(f"--input folder {path} contains no image files")
+        return found
+    matches = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file() and is_image_file(p))
+    if not matches:
+        raise UsageError(f"--input {spec!r}: no such file or folder, and no image matches it as a pattern")
+    return matches
+
+
+def plan_jobs(inputs: list[Path], output: str, cfg_text: list[float], cfg_image: list[float]) -> tuple[list[Job], dict]:
+    """Decide every output path; returns the jobs and, for sweeps, ``{input: grid path}``."""
+    combos = list(itertools.product(cfg_text, cfg_image))
+    sweep = len(combos) > 1
+    out = Path(output)
+    single_file = out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()
+    if single_file and len(inputs) > 1:
+        raise UsageError(f"--output {out} is a file name but --input has {len(inputs)} images: give a folder")
+    stems: dict[str, Path] = {}
+    for source in inputs:
+        if source.stem in stems and not single_file:
+            raise UsageError(f"inputs {stems[source.stem]} and {source} would write the same output name")
+        stems[source.stem] = source
+    jobs, grids = [], {}
+    for source in inputs:
+        if single_file:
+            folder, stem, suffix = out.parent, out.stem, out.suffix
+        else:
+            folder, stem, suffix = out, source.stem, ".png"
+        if sweep:
+            grids[source] = folder / f"{stem}_grid{suffix}"
+            for t, i in combos:
+                jobs.append(Job(source, t, i, folder / f"{stem}_txt{t:g}_img{i:g}{suffix}"))
+        else:
+            jobs.append(Job(source, combos[0][0], combos[0][1], folder / f"{stem}{suffix}"))
+    return jobs, grids
+
+
+def check_outputs(jobs: list[Job], grids: dict, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse to write over an input, ever, or over an existing output without ``--overwrite``."""
+    targets = [job.output for job in jobs] + list(grids.values())
+    sources = {p.resolve() for p in inputs}
+    clashes = [t for t in targets if t.resolve() in sources]
+    if clashes:
+        raise UsageError(f"refusing to overwrite input image(s): {', '.join(map(str, clashes))}")
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(map(str, existing[:5])) + (" …" if len(existing) > 5 else "")
+        raise UsageError(f"{len(existing)} output file(s) already exist ({shown}); pass --overwrite to replace them")
+
+
+def save_image(image, path: Path, metadata: dict) -> None:
+    """Write ``image`` atomically; PNGs carry ``metadata`` as JSON in a text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from ldm.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".png":
+            info = PngInfo()
+            info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+            image.save(tmp, format="PNG", pnginfo=info)
+        else:
+            image.save(tmp, format=image_format(path), **({"quality": 95} if image_format(path) == "JPEG" else {}))
+
+
+def image_format(path: Path) -> str:
+    """PIL format name for an output suffix."""
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".png": "PNG"}[path.suffix.lower()]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ldm.data.transforms import fit_for_edit, image_to_tensor, load_image, tensor_to_image
+    from ldm.editing import decode_to_images, edit_latents, load_model, resolve_device
+    from ldm.visualization import labelled_grid
+
+    inputs = find_inputs(args.input)
+    jobs, grids = plan_jobs(inputs, args.output, args.cfg_text, args.cfg_image)
+    check_outputs(jobs, grids, inputs, args.overwrite)
+    # Read every image before the (slow) model load, so a bad file fails fast and by name.
+    images = {p: fit_for_edit(load_image(p, max_side=args.resolution), args.resolution) for p in inputs}
+
+    device = resolve_device(args.device)
+    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    logging.info("seed %d, device %s, precision %s", seed, device, precision)
+    loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer)
+
+    metadata_base = {
+        "edit": args.edit, "seed": seed, "steps": args.steps, "sampler": args.sampler,
+        "resolution": args.resolution, "ckpt": loaded.ckpt_path.name, "ema": loaded.used_ema,
+    }
+    results: dict[Job, object] = {}
+    # Same-size edits share a batch; the seed makes each edit independent of how it was batched.
+    by_size: dict[tuple[int, int], list[Job]] = {}
+    for job in jobs:
+        by_size.setdefault(images[job.source].size, []).append(job)
+    batches = [group[i : i + args.batch_size] for group in by_size.values() for i in range(0, len(group), args.batch_size)]
+    with tqdm(total=len(jobs), desc="editing", unit="image", disable=args.quiet) as bar:
+        for batch in batches:
+            pixels = torch.stack([image_to_tensor(images[job.source]) for job in batch]).to(device)
+            latents = edit_latents(
+                loaded.model, pixels, [args.edit] * len(batch), [j.cfg_text for j in batch],
+                [j.cfg_image for j in batch], [seed] * len(batch), steps=args.steps, sampler=args.sampler,
+                precision=precision, progress=not args.quiet and len(jobs) == 1,
+            )
+            for job, x in zip(batch, decode_to_images(loaded.model, latents, precision)):
+                image = tensor_to_image(x)
+                save_image(image, job.output, {**metadata_base, "cfg_text": job.cfg_text, "cfg_image": job.cfg_image,
+                                               "input": job.source.name})
+                results[job] = image
+                bar.update(1)
+    for source, grid_path in grids.items():
+        cells = [job for job in jobs if job.source == source]
+        ncols = len(set(job.cfg_image for job in cells))
+        grid = labelled_grid([results[j] for j in cells], ncols, [f"T {j.cfg_text:g} I {j.cfg_image:g}" for j in cells])
+        save_image(grid, grid_path, {**metadata_base, "cfg_text": args.cfg_text, "cfg_image": args.cfg_image})
+    for job in jobs:
+        print(job.output)
+    for grid_path in grids.values():
+        print(grid_path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    from ldm.checkpoint import CheckpointError
+    from ldm.data.transforms import ImageLoadError
+
+    try:
+        return run(args)
+    except (UsageError, ImageLoadError, CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""CLIP text encoder: offline tokenizer, checkpoint key layout, parity with diffusers' converted CLIPTextModel."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.modules.encoders import tokenizer as tokenizer_module
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder, clip_text_config
+from ldm.modules.encoders.tokenizer import (
+    build_clip_tokenizer,
+    check_tokenizer,
+    find_clip_bpe_file,
+    load_clip_tokenizer,
+    read_clip_bpe,
+    save_clip_tokenizer,
+)
+
+# The key manifest of the released InstructPix2Pix checkpoint: in the checkout's shared/ or the workspace's.
+MANIFEST_CANDIDATES = [
+    Path(__file__).resolve().parents[1] / "shared" / "reference" / "ip2p_checkpoint_keys.json",
+    Path(__file__).resolve().parents[2] / "shared" / "reference" / "ip2p_checkpoint_keys.json",
+]
+POSITION_IDS = "transformer.text_model.embeddings.position_ids"
+SKS_DOG_IDS = [49406, 320, 1125, 539, 320, 48136, 1929, 49407]
+TINY_TEXT_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "projection_dim": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+}
+PROMPTS = ["a photo of a sks dog", "replace the wolf with a sks dog in the snow, golden hour, 35mm photograph", ""]
+
+requires_bpe = pytest.mark.skipif(
+    importlib.util.find_spec("open_clip") is None,
+    reason="CLIP BPE file absent: pip install --no-deps open-clip-torch==3.3.0",
+)
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer() -> CLIPTokenizer:
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("CLIP BPE file absent: pip install --no-deps open-clip-torch==3.3.0")
+    return build_clip_tokenizer()
+
+
+def tiny_embedder(tokenizer: CLIPTokenizer, **kwargs) -> FrozenCLIPEmbedder:
+    return FrozenCLIPEmbedder(tokenizer=tokenizer, text_config=TINY_TEXT_CONFIG, **kwargs)
+
+
+# (a) tokenizer ------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_ids_padding_and_vocab(clip_tokenizer: CLIPTokenizer) -> None:
+    assert clip_tokenizer.vocab_size == len(clip_tokenizer) == 49408
+    assert clip_tokenizer("a photo of a sks dog").input_ids == SKS_DOG_IDS
+    tokens = tiny_embedder(clip_tokenizer).tokenize(["a photo of a sks dog"])
+    assert tokens.shape == (1, 77) and tokens.dtype == torch.long
+    assert tokens[0, :8].tolist() == SKS_DOG_IDS
+    assert (tokens[0, 8:] == 49407).all()
+
+
+def test_truncation_keeps_eos_last(clip_tokenizer: CLIPTokenizer) -> None:
+    tokens = tiny_embedder(clip_tokenizer).tokenize("dog " * 100)
+    assert tokens.shape == (1, 77)
+    assert tokens[0, 0] == 49406 and tokens[0, -1] == 49407
+    assert (tokens[0, 1:-1] == 1929).all()
+
+
+@requires_bpe
+def test_vocab_and_ids_match_reference_simple_tokenizer(clip_tokenizer: CLIPTokenizer) -> None:
+    """open_clip's SimpleTokenizer (OpenAI's algorithm, with ftfy/html cleaning) is the reference."""
+    reference = _reference_simple_tokenizer()
+    vocab, _ = read_clip_bpe(find_clip_bpe_file())
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    assert vocab == {renamed.get(token, token): index for token, index in reference.encoder.items()}
+    # ASCII, accents and whitespace runs agree; text that needs ftfy/html fixes does not (see module docstring).
+    for text in PROMPTS + ["Café naïve résumé", "  tabs\tand\nnewlines  ", "I'm 3 dogs' owner!!", "日本の犬"]:
+        assert clip_tokenizer(text).input_ids[1:-1] == reference.encode(text), text
+
+
+def _reference_simple_tokenizer() -> object:
+    """open_clip/tokenizer.py loaded as a standalone module (importing the package would need torchvision)."""
+    path = find_clip_bpe_file().parent / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("_open_clip_reference_tokenizer", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert isinstance(module, ModuleType)
+    return module.SimpleTokenizer(str(find_clip_bpe_file()))
+
+
+def test_placeholder_tokenizer_is_refused(clip_tokenizer: CLIPTokenizer) -> None:
+    placeholder = CLIPTokenizer()  # what transformers 5 returns when the hub is unreachable
+    with pytest.raises(ValueError, match=r"'hub:some/id'.*vocab_size=2.*ldm\.modules\.encoders\.tokenizer --out"):
+        check_tokenizer(placeholder, "hub:some/id")
+    with pytest.raises(ValueError, match="vocab_size=2"):
+        tiny_embedder(placeholder)
+
+
+def test_offline_hub_id_falls_back_to_bpe_file(
+    clip_tokenizer: CLIPTokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="ldm.modules.encoders.tokenizer"):
+        tokenizer = load_clip_tokenizer("openai/not-a-cached-clip")
+    assert tokenizer("a photo of a sks dog").input_ids == SKS_DOG_IDS
+    assert "building the CLIP tokenizer from" in caplog.text
+
+
+def test_offline_hub_id_without_bpe_file_is_a_clear_error(
+    clip_tokenizer: CLIPTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "open_clip" else real_find_spec(name, *args)
+    )
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps open-clip-torch==3\.3\.0"):
+        find_clip_bpe_file()
+    # HF_HUB_OFFLINE (conftest): the download returns the placeholder at once, which is refused.
+    with pytest.raises(ValueError, match=r"'openai/not-a-cached-clip'.*vocab_size=2"):
+        load_clip_tokenizer("openai/not-a-cached-clip")
+
+
+def test_tokenizer_folder_round_trip_and_cli(clip_tokenizer: CLIPTokenizer, tmp_path: Path) -> None:
+    folder = save_clip_tokenizer(tmp_path / "api")
+    tokenizer_module.main(["--out", str(tmp_path / "cli"), "--bpe", str(find_clip_bpe_file())])
+    for path in (folder, tmp_path / "cli"):
+        embedder = tiny_embedder(str(path))
+        assert embedder.tokenize("a photo of a sks dog")[0, :8].tolist() == SKS_DOG_IDS
+        assert embedder.tokenizer.model_max_length == 77
+    with pytest.raises(FileNotFoundError, match="missing-folder"):
+        load_clip_tokenizer(str(tmp_path / "missing-folder"))
+
+
+# (b) state-dict layout ------------------------------------------------------------------------------------------
+
+
+def test_full_size_keys_match_manifest(clip_tokenizer: CLIPTokenizer) -> None:
+    found = [path for path in MANIFEST_CANDIDATES if path.is_file()]
+    assert found, f"key manifest not found in {MANIFEST_CANDIDATES}"
+    manifest = json.loads(found[0].read_text())
+    prefix = "cond_stage_model."
+    expected = [
+        (entry["key"][len(prefix) :], entry["shape"])
+        for entry in manifest["entries"]
+        if entry["group"] == "text" and not entry["key"].endswith("position_ids")
+    ]
+    with torch.device("meta"):
+        embedder = FrozenCLIPEmbedder()  # default tokenizer: offline, hence built from the BPE file
+    actual = [(key, list(value.shape)) for key, value in embedder.state_dict().items()]
+    assert actual == expected
+    assert len(actual) == 196
+
+
+def test_unknown_text_config_field_is_an_error() -> None:
+    with pytest.raises(KeyError, match="hiden_size"):
+        clip_text_config({"hiden_size": 32})
+
+
+# (c) parity with diffusers ------------------------------------------------------------------------------------------
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    """Non-trivial weights everywhere (layer norms included) so that a misplaced tensor shows."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+
+
+@pytest.mark.parametrize("layer", ["last", "penultimate"])
+def test_parity_with_diffusers_converted_clip(clip_tokenizer: CLIPTokenizer, tmp_path: Path, layer: str) -> None:
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    source = tiny_embedder(clip_tokenizer)
+    _randomize(source)
+    # An old-style checkpoint: original layout under `cond_stage_model.`, plus the position_ids of transformers<4.31.
+    checkpoint = {"cond_stage_model." + key: value.clone() for key, value in source.state_dict().items()}
+    checkpoint["cond_stage_model." + POSITION_IDS] = torch.arange(77).unsqueeze(0)
+    clip_text_config(TINY_TEXT_CONFIG).save_pretrained(tmp_path / "text_encoder")
+    oracle = create_diffusers_clip_model_from_ldm(
+        CLIPTextModel, dict(checkpoint), subfolder="text_encoder", config=str(tmp_path), local_files_only=True
+    )
+    # diffusers loads with strict=False: make sure every oracle tensor really came from the checkpoint.
+    oracle_state = oracle.state_dict()
+    assert len(oracle_state) == len(checkpoint) - 1
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(oracle_state[key.removeprefix("transformer.text_model.")], value, rtol=0, atol=0)
+
+    # Our model from the same file: strip the prefix, drop position_ids (the checkpoint migration's job), strict.
+    model = tiny_embedder(clip_tokenizer, layer=layer)
+    state = {key.removeprefix("cond_stage_model."): value for key, value in checkpoint.items()}
+    del state[POSITION_IDS]
+    model.load_state_dict(state, strict=True)
+
+    tokens = model.tokenize(PROMPTS)
+    assert tokens.shape == (3, 77)
+    with torch.no_grad():
+        ours = model(PROMPTS)
+        outputs = oracle(input_ids=tokens, output_hidden_states=True)
+    reference = outputs.last_hidden_state if layer == "last" else outputs.hidden_states[-2]
+    assert ours.shape == (3, 77, 32)
+    assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert not torch.allclose(ours[0], ours[1])  # different prompts, different embeddings
+    torch.testing.assert_close(model.encode(PROMPTS), ours, rtol=0, atol=0)
+
+
+# (d) frozen / trainable ------------------------------------------------------------------------------------------
+
+
+def test_frozen_by_default(clip_tokenizer: CLIPTokenizer) -> None:
+    embedder = tiny_embedder(clip_tokenizer)
+    assert not any(param.requires_grad for param in embedder.parameters())
+    embedder.train()
+    assert not any(module.training for module in embedder.modules())
+    assert not embedder(["a photo of a sks dog"]).requires_grad
+
+
+def test_trainable_on_request(clip_tokenizer: CLIPTokenizer) -> None:
+    embedder = tiny_embedder(clip_tokenizer, freeze=False)
+    embedder.train()
+    assert all(module.training for module in embedder.modules())
+    embedder(["a photo of a sks dog", "a dog"]).square().mean().backward()
+    grads = {name: param.grad for name, param in embedder.named_parameters()}
+    assert all(grad is not None for grad in grads.values()), [name for name, grad in grads.items() if grad is None]
+    assert grads["transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
