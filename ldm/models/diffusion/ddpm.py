@@ -16,7 +16,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ldm import rng
 from ldm.models.diffusion import schedule as sched
+from ldm.models.diffusion.conditioning import JointDropout, mask_image, mask_text
+from ldm.models.diffusion.losses import diffusion_loss, prior_preservation_loss
 from ldm.modules.ema import LitEma
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
@@ -80,6 +83,7 @@ class DDPM(pl.LightningModule):
         load_ema: with ``use_ema``, build the EMA before loading ``ckpt_path`` so the file's EMA weights load into
             it (InstructPix2Pix inference); otherwise the EMA starts from the loaded weights (fine-tuning).
         parameterization: what the network predicts, ``"eps"`` (SD v1) or ``"x0"``.
+        init_from_ema: when loading ``ckpt_path``, take the UNet weights from the file's EMA copy.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class DDPM(pl.LightningModule):
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         load_ema: bool = True,
+        init_from_ema: bool = False,
         unfreeze_model: bool = True,
         embedding_reg_weight: float | None = None,
         model_lr: float | None = None,
@@ -140,6 +145,8 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.scheduler_config = scheduler_config
         self.unfreeze_model = unfreeze_model
+        self.learning_rate = 1.0e-4  # main.py sets it from base_learning_rate (and --scale_lr)
+        self.train_seed = 0  # main.py sets it from --seed; noise and timesteps derive from (seed, rank, step)
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
@@ -157,6 +164,7 @@ class DDPM(pl.LightningModule):
         self._ckpt_path = ckpt_path
         self._ignore_keys = tuple(ignore_keys)
         self._load_only_unet = load_only_unet
+        self._init_from_ema = init_from_ema
 
     def finish_init(self) -> None:
         """Load ``ckpt_path`` and, for ``use_ema`` without ``load_ema``, build the EMA from the loaded weights."""
@@ -194,6 +202,10 @@ class DDPM(pl.LightningModule):
         """The schedule buffers as a dict (for the pure functions of `schedule.py`)."""
         return {name: getattr(self, name) for name in sched.SCHEDULE_BUFFERS}
 
+    def ckpt_migrations(self) -> list[str]:
+        """Optional migrations of `ldm.checkpoint` applied when loading ``ckpt_path``."""
+        return ["use_ema_weights"] if self._init_from_ema else []
+
     def ignorable_keys(self) -> list[str]:
         """Regexes of checkpoint keys this model may meet and legitimately not use."""
         if not self.use_ema or not self.load_ema:
@@ -210,7 +222,9 @@ class DDPM(pl.LightningModule):
         if only_model:
             state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
             target = self.model
-        load_model_weights(target, state, source=str(path), ignorable=self.ignorable_keys())
+        load_model_weights(
+            target, state, source=str(path), migrations=self.ckpt_migrations(), ignorable=self.ignorable_keys()
+        )
         logger.info("restored %s from %s", type(target).__name__, path)
 
     @contextmanager
@@ -250,6 +264,9 @@ class LatentDiffusion(DDPM):
         conditioning_key: ``crossattn`` (SD v1 text-to-image) or ``hybrid`` (InstructPix2Pix: image latent
             concatenated to the input, text through cross-attention).
         reg_weight: DreamBooth prior-preservation weight λ in ``loss_train + λ·loss_reg``.
+        conditioning_dropout: ``{text, both, image}`` probabilities of InstructPix2Pix's joint dropout during
+            training (`conditioning.JointDropout`); default 5% each, as InstructPix2Pix was trained, so the
+            unconditional branches that guidance uses at inference keep being trained; ``{}`` values of 0 disable it.
     """
 
     def __init__(
@@ -265,6 +282,7 @@ class LatentDiffusion(DDPM):
         scale_factor: float = 1.0,
         scale_by_std: bool = False,
         reg_weight: float = 1.0,
+        conditioning_dropout: Mapping[str, float] | None = None,
         personalization_config: Mapping[str, Any] | None = None,
         **ddpm_kwargs: Any,
     ) -> None:
@@ -286,6 +304,7 @@ class LatentDiffusion(DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.scale_factor = float(scale_factor)
         self.reg_weight = float(reg_weight)
+        self.conditioning_dropout = JointDropout(**(conditioning_dropout or {}))
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
         self.finish_init()
@@ -348,6 +367,137 @@ class LatentDiffusion(DDPM):
             cond = {key: cond}
         cond = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in cond.items()}
         return self.model(x_noisy, t, **cond)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def step_generator(self, batch_idx: int, salt: int = 0) -> torch.Generator:
+        """CPU generator for this step's timesteps, noise and dropout: a function of (seed, rank, step, batch).
+
+        Being stateless, it makes resumed runs draw exactly what an uninterrupted run draws, and DDP ranks draw
+        different samples (the original seeded every rank identically).
+        """
+        step = self.global_step if self._trainer is not None else 0
+        rank = self.global_rank if self._trainer is not None else 0
+        seed = (((self.train_seed * 1_000_003 + step) * 1009 + batch_idx) * 101 + rank) * 7 + salt
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    def get_input(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """Split a batch into the target pixels (B, 3, H, W), the captions and the input-image pixels.
+
+        Accepts the seed's layout (``image``/``caption``/``c_concat``) and InstructPix2Pix's nested one
+        (``edited`` and ``edit: {c_crossattn, c_concat}``); HWC tensors are transposed to CHW.
+        """
+        target = _to_chw(batch[self.first_stage_key])
+        cond = batch[self.cond_stage_key]
+        if isinstance(cond, Mapping):
+            captions, image = cond["c_crossattn"], cond.get("c_concat")
+        else:
+            captions, image = cond, batch.get("c_concat")
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        return target, captions, None if image is None else _to_chw(image)
+
+    def shared_step(self, batch: Mapping[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """ε-prediction loss of one batch: encode, drop conditioning, noise at random t, predict (LDM Eq. 2)."""
+        target, captions, image = self.get_input(batch)
+        batch_size = target.shape[0]
+        with torch.no_grad():
+            z = self.get_first_stage_encoding(self.encode_first_stage(target), generator=generator)  # (B, 4, h, w)
+        text = self.get_learned_conditioning(captions)  # (B, L, D); with grad when the encoder trains
+        drop_text, drop_image = self.conditioning_dropout.masks(batch_size, generator)
+        if bool(drop_text.any()):
+            text = mask_text(text, self.get_learned_conditioning([""]), drop_text)
+        cond: dict[str, list[torch.Tensor]] = {"c_crossattn": [text]}
+        if self.model.conditioning_key in ("concat", "hybrid"):
+            if image is None:
+                raise KeyError("hybrid conditioning needs the input image under 'c_concat' in the batch")
+            with torch.no_grad():
+                image_latent = self.encode_first_stage(image).mode()  # unscaled, as InstructPix2Pix
+            cond["c_concat"] = [mask_image(image_latent, drop_image)]
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator).to(self.device)
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(self.device)
+        x_noisy = self.q_sample(z, t, noise)
+        pred = self.apply_model(x_noisy, t, cond)
+        goal = noise if self.parameterization == "eps" else z
+        return diffusion_loss(pred, goal, t, self.logvar, self.lvlb_weights, self.l_simple_weight,
+                              self.original_elbo_weight, self.loss_type)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """DreamBooth step: ``loss_train + reg_weight · loss_reg`` when the batch is [train, reg] (both logged)."""
+        if isinstance(batch, (list, tuple)):
+            train_batch, reg_batch = batch
+        else:
+            train_batch, reg_batch = batch, None
+        loss_train, parts = self.shared_step(train_batch, self.step_generator(batch_idx, salt=0))
+        size = len(self.get_input(train_batch)[1])
+        logs = {f"train/{k}": v for k, v in parts.items()}
+        loss = loss_train
+        if reg_batch is not None:
+            loss_reg, reg_parts = self.shared_step(reg_batch, self.step_generator(batch_idx, salt=1))
+            loss = prior_preservation_loss(loss_train, loss_reg, self.reg_weight)
+            logs["train/loss_reg"] = reg_parts["loss"]
+        logs["train/loss_train"] = parts["loss"]
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=size)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, logger=False, batch_size=size)
+        if reg_batch is not None:
+            self.log("reg", logs["train/loss_reg"], prog_bar=True, on_step=True, logger=False, batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the EMA after each optimizer step."""
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    @torch.no_grad()
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Validation loss with fixed noise per batch index (comparable across steps), and with the EMA weights."""
+        batch = batch[0] if isinstance(batch, (list, tuple)) else batch
+        size = len(self.get_input(batch)[1])
+        _, parts = self.shared_step(batch, torch.Generator().manual_seed(batch_idx))
+        self.log_dict({f"val/{k}": v for k, v in parts.items()}, on_epoch=True, batch_size=size)
+        if self.use_ema:
+            with self.ema_scope():
+                _, parts = self.shared_step(batch, torch.Generator().manual_seed(batch_idx))
+            self.log_dict({f"val/{k}_ema": v for k, v in parts.items()}, on_epoch=True, batch_size=size)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the global RNG states (data order and augmentations draw from them) so a resume is exact."""
+        checkpoint["rng_states"] = rng.collect_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states saved by `on_save_checkpoint` (older checkpoints have none)."""
+        if "rng_states" in checkpoint:
+            rng.restore_states(checkpoint["rng_states"])
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """UNet (``unfreeze_model``), text encoder (``cond_stage_trainable``), ``logvar`` (``learn_logvar``)."""
+        params: list[nn.Parameter] = []
+        if self.unfreeze_model:
+            params += [p for p in self.model.parameters() if p.requires_grad]
+        if self.cond_stage_trainable:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self) -> Any:
+        """AdamW on the trainable parts at ``learning_rate``; ``scheduler_config`` adds a per-step LambdaLR."""
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("nothing to train: set unfreeze_model or cond_stage_trainable in the model config")
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate)
+        if not self.scheduler_config:
+            return optimizer
+        schedule = instantiate_from_config(self.scheduler_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def _to_chw(x: torch.Tensor) -> torch.Tensor:
+    """Images as (B, C, H, W) float: the seed's datasets yielded (B, H, W, C)."""
+    if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = x.permute(0, 3, 1, 2)
+    return x.float().contiguous()
 
 
 def _trainable_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,151 @@
+"""Lightning callbacks and IO of the training harness (re-exported by ``main.py`` for config targets)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
+
+from ldm.checkpoint import read_checkpoint
+from ldm.fileio import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written atomically and read without running pickled code (`ldm.checkpoint`)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path)
+
+
+class SetupCallback(Callback):
+    """Creates the run folders and saves the merged configs (rank 0); saves ``last.ckpt`` on Ctrl-C."""
+
+    def __init__(self, resume: bool, now: str, logdir: str, ckptdir: str, cfgdir: str, config: Any, lightning_config: Any) -> None:
+        super().__init__()
+        self.resume, self.now = resume, now
+        self.logdir, self.ckptdir, self.cfgdir = Path(logdir), Path(ckptdir), Path(cfgdir)
+        self.config, self.lightning_config = config, lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.global_rank != 0:
+            return
+        for folder in (self.logdir, self.ckptdir, self.cfgdir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for suffix, config in (("project", self.config), ("lightning", OmegaConf.create({"lightning": self.lightning_config}))):
+            with atomic_path(self.cfgdir / f"{self.now}-{suffix}.yaml") as tmp:
+                OmegaConf.save(config, tmp)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_rank == 0:
+            logger.warning("interrupted: saving %s", self.ckptdir / "last.ckpt")
+            trainer.save_checkpoint(self.ckptdir / "last.ckpt")
+
+
+class ImageLogger(Callback):
+    """Every ``batch_frequency`` steps, edit a few validation pairs with the current model and save a grid.
+
+    Each grid row is ``input | current model's edit | target`` with its instruction, sampled with the inference
+    guidance (``cfg_text``, ``cfg_image``, ``steps``) and the EMA weights when the model keeps them. Grids go to
+    ``<logdir>/images/train/gs-<step>.png``. ``increase_log_steps`` also logs at steps 1, 2, 4, … below the frequency.
+    """
+
+    def __init__(
+        self,
+        batch_frequency: int = 500,
+        max_images: int = 4,
+        clamp: bool = True,
+        increase_log_steps: bool = True,
+        rescale: bool = True,
+        disabled: bool = False,
+        log_on_batch_idx: bool = False,
+        log_first_step: bool = False,
+        log_images_kwargs: Mapping[str, Any] | None = None,
+        steps: int = 20,
+        cfg_text: float = 7.5,
+        cfg_image: float = 1.5,
+        sampler: str = "euler_ancestral",
+        seed: int = 0,
+        save_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_frequency < 1:
+            raise ValueError(f"ImageLogger batch_frequency must be >= 1, got {batch_frequency}")
+        self.batch_frequency, self.max_images, self.disabled = batch_frequency, max_images, disabled
+        self.log_steps = {2**n for n in range(int(math.log2(batch_frequency)) + 1)} if increase_log_steps else set()
+        self.log_first_step = log_first_step
+        self.steps, self.cfg_text, self.cfg_image, self.sampler, self.seed = steps, cfg_text, cfg_image, sampler, seed
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.logged: list[Path] = []
+
+    def _due(self, step: int) -> bool:
+        return step > 0 and (step % self.batch_frequency == 0 or step in self.log_steps)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self.disabled and (self._due(step) or (self.log_first_step and step == 1)):
+            self.log_grid(trainer, pl_module, batch, step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        step = trainer.global_step
+        if not self.disabled and step > 0 and not any(p.stem == f"gs-{step:06d}" for p in self.logged):
+            self.log_grid(trainer, pl_module, None, step)
+
+    def _pairs(self, trainer: pl.Trainer, batch: Any) -> list[dict[str, Any]]:
+        """Up to ``max_images`` validation pairs (or the current training batch when there is no validation set)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = getattr(datamodule, "datasets", {}).get("validation") if datamodule is not None else None
+        if dataset is not None and len(dataset) > 0:
+            return [dataset[i] for i in range(min(self.max_images, len(dataset)))]
+        if batch is None:
+            return []
+        half = batch[0] if isinstance(batch, (list, tuple)) else batch
+        count = min(self.max_images, len(half["caption"]))
+        return [{"image": half["image"][i], "c_concat": half["c_concat"][i], "caption": half["caption"][i]} for i in range(count)]
+
+    @rank_zero_only
+    @torch.no_grad()
+    def log_grid(self, trainer: pl.Trainer, pl_module: Any, batch: Any, step: int) -> Path | None:
+        from ldm.data.transforms import tensor_to_image
+        from ldm.editing import decode_to_images, edit_latents
+        from ldm.visualization import labelled_grid
+
+        pairs = self._pairs(trainer, batch)
+        if not pairs:
+            return None
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            inputs = torch.stack([p["c_concat"] for p in pairs]).to(pl_module.device)
+            captions = [p["caption"] for p in pairs]
+            n = len(pairs)
+            with pl_module.ema_scope():
+                latents = edit_latents(pl_module, inputs, captions, [self.cfg_text] * n, [self.cfg_image] * n,
+                                       [self.seed + i for i in range(n)], steps=self.steps, sampler=self.sampler)
+                edits = decode_to_images(pl_module, latents)
+        finally:
+            pl_module.train(was_training)
+        cells, labels = [], []
+        for pair, edit in zip(pairs, edits):
+            cells += [tensor_to_image(pair["c_concat"]), tensor_to_image(edit), tensor_to_image(pair["image"])]
+            labels += ["input", pair["caption"][:40], "target"]
+        root = self.save_dir or Path(trainer.default_root_dir)
+        path = root / "images" / "train" / f"gs-{step:06d}.png"
+        with atomic_path(path) as tmp:
+            labelled_grid(cells, 3, labels).save(tmp, format="PNG")
+        self.logged.append(path)
+        return path

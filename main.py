@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Training harness (CompVis ``main.py`` flags on Lightning 2): DreamBooth fine-tuning of InstructPix2Pix.
+
+    python main.py --base configs/dreambooth/train.yaml -t --actual_resume models/instruct-pix2pix/instruct-pix2pix-00-22000.ckpt \\
+        -n my_dog --gpus 0, --data_root data/my_dog/training --reg_data_root data/my_dog/regularization \\
+        --class_word dog --source_word wolf
+
+Writes ``logs/<timestamp>_<name>/`` with ``configs/`` (the merged YAML), ``checkpoints/`` (``step=NNNNNN.ckpt``
+every ``lightning.modelcheckpoint.params.every_n_train_steps`` and ``last.ckpt``, all resumable),
+``images/train/`` (edits of validation pairs by the current model), ``metrics.csv`` and
+``export/model.safetensors`` (the fine-tuned weights alone, original layout, loadable by ``scripts/edit_cli.py``).
+Any ``a.b=c`` argument overrides the merged config, e.g. ``model.params.reg_weight=0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ldm.callbacks import AtomicCheckpointIO, ImageLogger, SetupCallback  # noqa: E402  (config targets main.*)
+from ldm.data.datamodule import DataModuleFromConfig  # noqa: E402
+
+__all__ = ["DataModuleFromConfig", "ImageLogger", "SetupCallback", "main"]
+
+logger = logging.getLogger("main")
+RUN_TIMESTAMP_ENV = "INSTRUCT2DREAM_RUN_TIMESTAMP"
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16", "bf16", "64")
+
+
+class UsageError(ValueError):
+    """A bad flag, path or config value; reported without a traceback."""
+
+
+def str2bool(value: str) -> bool:
+    """argparse type for the CompVis boolean flags (``-t``, ``--no-test``, ``--scale_lr True``)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune InstructPix2Pix DreamBooth-style (CompVis main.py flags on Lightning 2). "
+        "Extra arguments of the form a.b=c override the merged config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-n", "--name", type=str, const=True, default="", nargs="?", help="postfix for the log dir")
+    parser.add_argument("-r", "--resume", type=str, const=True, default="", nargs="?",
+                        help="resume from a log dir or from a checkpoint inside <logdir>/checkpoints")
+    parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                        help="configs, merged left to right; then a.b=c overrides")
+    parser.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
+    parser.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?",
+                        help="skip testing after training (only runs when the config has a test set)")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
+    parser.add_argument("-f", "--postfix", type=str, default="", help="appended to the log dir name")
+    parser.add_argument("-l", "--logdir", type=str, default="logs", help="root folder of the log dirs")
+    parser.add_argument("--scale_lr", type=str2bool, const=True, default=False, nargs="?",
+                        help="lr = accumulate_grad_batches * devices * nodes * batch_size * base_learning_rate")
+    parser.add_argument("--datadir_in_name", type=str2bool, const=True, default=False, nargs="?",
+                        help="prefix the log dir name with the data folder's name")
+    parser.add_argument("--actual_resume", type=str, default=None,
+                        help="initial weights (.ckpt/.safetensors, original layout), e.g. the InstructPix2Pix checkpoint")
+    parser.add_argument("--init_ema", action="store_true",
+                        help="start from the EMA UNet weights of --actual_resume instead of its training weights")
+    parser.add_argument("--data_root", type=str, default=None, help="folder of training pairs (also validation)")
+    parser.add_argument("--reg_data_root", type=str, default=None, help="folder of regularization pairs")
+    parser.add_argument("--class_word", type=str, default=None, help="class noun of the subject, e.g. dog")
+    parser.add_argument("--identifier", type=str, default=None, help="rare token meaning the subject (default sks)")
+    parser.add_argument("--source_word", type=str, default=None, help="the class the edits replace, e.g. wolf")
+    parser.add_argument("--gpus", type=str, default=None, help="GPU ids, e.g. '0,' or '0,1' (DDP for several)")
+    parser.add_argument("--num_nodes", type=int, default=None, help="nodes for multi-node DDP")
+    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps to train")
+    parser.add_argument("--precision", type=str, default=None, choices=PRECISIONS, help="Lightning precision")
+    parser.add_argument("--export_ema", type=str2bool, const=True, default=None, nargs="?",
+                        help="export the EMA weights (default: EMA when the model keeps one)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(argv)
+    bad = [u for u in unknown if "=" not in u or u.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like model.params.reg_weight=0)")
+    if opt.name and opt.resume:
+        parser.error("-n/--name and -r/--resume cannot be used together: a resumed run keeps its name")
+    if opt.max_steps is not None and opt.max_steps < 1:
+        parser.error(f"--max_steps must be positive, got {opt.max_steps}")
+    return opt, unknown
+
+
+def resolve_resume(resume: str) -> tuple[Path, Path]:
+    """``-r`` value → (log dir, checkpoint); a log dir means its ``checkpoints/last.ckpt``."""
+    path = Path(resume)
+    if not path.exists():
+        raise UsageError(f"--resume {resume}: no such file or folder")
+    if path.is_file():
+        if path.parent.name != "checkpoints":
+            raise UsageError(f"--resume {resume}: a checkpoint must sit in <logdir>/checkpoints/")
+        return path.parent.parent, path
+    ckpt = path / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise UsageError(f"--resume {resume}: no checkpoints/last.ckpt in this log dir")
+    return path, ckpt
+
+
+def load_configs(paths: list[str], overrides: list[str]) -> Any:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    configs = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"config not found: {path}")
+        try:
+            configs.append(OmegaConf.load(path))
+        except (OmegaConfBaseException, ValueError) as err:
+            raise UsageError(f"cannot parse config {path}: {err}") from err
+    try:
+        return OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise UsageError(f"bad config override {' '.join(overrides)}: {err}") from err
+
+
+def apply_data_flags(config: Any, opt: argparse.Namespace) -> None:
+    """Write --data_root, --reg_data_root, --class_word, --identifier, --source_word into the dataset configs."""
+    sections = config.get("data", {}).get("params", {})
+    roots = {"train": opt.data_root, "validation": opt.data_root, "reg": opt.reg_data_root}
+    words = {"placeholder_token": opt.class_word, "identifier": opt.identifier, "source_word": opt.source_word}
+    for name in ("train", "reg", "validation"):
+        if name not in sections:
+            continue
+        params = sections[name].setdefault("params", {})
+        if roots[name] is not None:
+            if not Path(roots[name]).is_dir():
+                flag = "--reg_data_root" if name == "reg" else "--data_root"
+                raise UsageError(f"{flag} {roots[name]}: no such folder")
+            params["data_root"] = roots[name]
+        for key, value in words.items():
+            if value is not None:
+                params[key] = value
+    if "reg" in sections and opt.reg_data_root is None and "data_root" not in sections.reg.get("params", {}):
+        raise UsageError("the config has a regularization set: pass --reg_data_root (or remove data.params.reg)")
+    if "train" in sections and opt.data_root is None and "data_root" not in sections.train.get("params", {}):
+        raise UsageError("pass --data_root with the training pairs")
+
+
+def trainer_settings(opt: argparse.Namespace, lightning_config: Any) -> dict[str, Any]:
+    """Lightning Trainer kwargs: the config's ``lightning.trainer`` plus the device/length flags."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
+    if opt.gpus is not None:
+        ids = [int(i) for i in str(opt.gpus).replace(" ", "").split(",") if i != ""]
+        if not ids:
+            raise UsageError(f"--gpus {opt.gpus!r}: give GPU ids such as '0,' or '0,1'")
+        settings.update(accelerator="gpu", devices=ids)
+        if len(ids) > 1 or (opt.num_nodes or 1) > 1:
+            settings.setdefault("strategy", "ddp")
+    settings.setdefault("accelerator", "cpu" if opt.gpus is None else "gpu")
+    settings.setdefault("devices", 1)
+    for key in ("max_steps", "precision", "num_nodes"):
+        if getattr(opt, key) is not None:
+            settings[key] = getattr(opt, key)
+    settings.setdefault("max_steps", -1)
+    settings.pop("gpus", None)
+    settings.pop("resume_from_checkpoint", None)
+    return settings
+
+
+def device_count(settings: dict[str, Any]) -> int:
+    devices = settings.get("devices", 1)
+    return len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt, overrides = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The frozen VAE (and text encoder) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    try:
+        return run(opt, overrides)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(opt: argparse.Namespace, overrides: list[str]) -> int:
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger
+
+    from ldm.checkpoint import CheckpointError
+    from ldm.export import export_weights
+    from ldm.util import ConfigError, instantiate_from_config
+
+    # DDP re-runs this script for the other ranks: they must reuse the first rank's timestamp (same log dir).
+    now = os.environ.get(RUN_TIMESTAMP_ENV) or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    os.environ[RUN_TIMESTAMP_ENV] = now
+    resume_ckpt = None
+    if opt.resume:
+        logdir, resume_ckpt = resolve_resume(opt.resume)
+        saved = [sorted(glob.glob(str(logdir / "configs" / f"*-{kind}.yaml")))[-1:] for kind in ("project", "lightning")]
+        if not saved[0]:
+            raise UsageError(f"--resume {opt.resume}: no configs/*-project.yaml in {logdir}")
+        opt.base = saved[0] + saved[1] + list(opt.base)
+    else:
+        if not opt.base:
+            raise UsageError("give at least one config with -b/--base (e.g. configs/dreambooth/train.yaml)")
+        name = "_" + opt.name if opt.name else "_" + Path(opt.base[0]).stem
+        prefix = Path(os.path.normpath(opt.data_root)).name if opt.datadir_in_name and opt.data_root else ""
+        logdir = Path(opt.logdir) / f"{prefix}{now}{name}{opt.postfix}"
+    ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
+
+    config = load_configs(opt.base, overrides)
+    has_test = "test" in config.get("data", {}).get("params", {})
+    if not opt.train and (opt.no_test or not has_test):
+        raise UsageError("nothing to do: pass -t/--train to train (or resume training with -r LOGDIR -t)")
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    if "model" not in config:
+        raise UsageError(f"no 'model' section in {', '.join(opt.base)}")
+    apply_data_flags(config, opt)
+    if resume_ckpt:
+        config.model.params.pop("ckpt_path", None)  # last.ckpt restores every weight
+    if opt.actual_resume is not None:
+        if not Path(opt.actual_resume).is_file():
+            raise UsageError(f"--actual_resume {opt.actual_resume}: no such file")
+        if not resume_ckpt:  # resuming restores everything from last.ckpt: no need to read the weights twice
+            config.model.params.ckpt_path = str(opt.actual_resume)
+            config.model.params.init_from_ema = bool(opt.init_ema)
+    settings = trainer_settings(opt, lightning_config)
+    pl.seed_everything(opt.seed, workers=True)
+
+    try:
+        model = instantiate_from_config(config.model)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    model.train_seed = opt.seed
+    batch_size = int(config.get("data", {}).get("params", {}).get("batch_size", 1))
+    base_lr = float(config.model.get("base_learning_rate", 1.0e-4))
+    accumulate = int(settings.get("accumulate_grad_batches", 1))
+    scale = accumulate * device_count(settings) * int(settings.get("num_nodes", 1)) * batch_size
+    model.learning_rate = scale * base_lr if opt.scale_lr else base_lr
+    logger.info("learning rate %.3g (%s)", model.learning_rate, f"{scale} x {base_lr:.3g}" if opt.scale_lr else "base_learning_rate")
+
+    checkpoint_params = OmegaConf.to_container(
+        OmegaConf.select(lightning_config, "modelcheckpoint.params", default=OmegaConf.create()), resolve=True
+    )
+    checkpoint = ModelCheckpoint(**{"dirpath": str(ckptdir), "filename": "{step:06d}", "save_last": True,
+                                    "save_top_k": -1, "every_n_train_steps": 500, **checkpoint_params})
+    callbacks: list[Any] = [
+        SetupCallback(bool(opt.resume), now, str(logdir), str(ckptdir), str(cfgdir), config, lightning_config),
+        checkpoint,
+        LearningRateMonitor(logging_interval="step"),
+        TQDMProgressBar(),
+    ]
+    for name, cb_config in lightning_config.get("callbacks", {}).items():
+        params = {"save_dir": str(logdir)} if cb_config.get("target", "").endswith("ImageLogger") else {}
+        callbacks.append(instantiate_from_config(cb_config, **params))
+    loggers: list[Any] = [CSVLogger(save_dir=str(logdir), name="", version="")]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version=""))
+    except ImportError:
+        pass
+    trainer = pl.Trainer(**settings, default_root_dir=str(logdir), logger=loggers, callbacks=callbacks,
+                         plugins=[AtomicCheckpointIO()], log_every_n_steps=1)
+    data = instantiate_from_config(config.data)
+
+    if opt.train:
+        trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        if trainer.global_rank == 0 and not trainer.interrupted:
+            export = export_weights(model, logdir / "export" / "model.safetensors", ema=opt.export_ema,
+                                    config=OmegaConf.to_yaml(config))
+            logger.info("fine-tuned weights: %s", export)
+    if not opt.no_test and has_test and not trainer.interrupted:
+        trainer.test(model, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
