@@ -1,0 +1,259 @@
+"""Fine-tuning: main.py end to end (artifacts, exact resume, DDP), learning, prior-preservation gradients, freezing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import read_checkpoint
+from ldm.models.diffusion.conditioning import JointDropout
+from ldm.models.diffusion.losses import prior_preservation_loss
+from tests.tiny import REPO, build_tiny_model, save_tiny_checkpoint
+
+TINY_TRAIN = REPO / "configs" / "tiny" / "dreambooth-tiny.yaml"
+NO_IMAGES = "lightning.callbacks.image_logger.params.disabled=true"
+
+
+def make_pairs(folder: Path, count: int, seed: int, size=(80, 96)) -> Path:
+    """A seed-layout dataset: NN_0 (input) and NN_1 (target) of different content."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        for k in (0, 1):
+            pixels = (rng.random((size[0], size[1], 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:02d}_{k}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "root": root,
+        "ckpt": save_tiny_checkpoint(root / "base.ckpt", seed=5),
+        "train": make_pairs(root / "training", 2, 1),
+        "reg": make_pairs(root / "regularization", 3, 2),
+        "logs": root / "logs",
+    }
+
+
+def run_main(workspace, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "main.py"), "-l", str(workspace["logs"]), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("INSTRUCT2DREAM_RUN_TIMESTAMP", None)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def base_args(workspace) -> list[str]:
+    return ["-b", str(TINY_TRAIN), "--actual_resume", str(workspace["ckpt"]), "--data_root", str(workspace["train"]),
+            "--reg_data_root", str(workspace["reg"]), "--class_word", "dog", "--source_word", "wolf"]
+
+
+def run_dir(workspace, name: str) -> Path:
+    (found,) = workspace["logs"].glob(f"*_{name}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def straight_run(workspace) -> Path:
+    run_main(workspace, *base_args(workspace), "-t", "-n", "straight", "--max_steps", "4")
+    return run_dir(workspace, "straight")
+
+
+def test_cli_writes_checkpoints_images_metrics_and_export(straight_run):
+    assert sorted(p.name for p in (straight_run / "checkpoints").iterdir()) == [
+        "last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
+    assert sorted(p.name for p in (straight_run / "images" / "train").iterdir()) == ["gs-000002.png", "gs-000004.png"]
+    grid = Image.open(straight_run / "images" / "train" / "gs-000004.png")
+    assert grid.width >= 3 * 64 and grid.height >= 2 * 64  # input | edit | target, two validation pairs
+    configs = sorted(p.name.split("-")[-1] for p in (straight_run / "configs").iterdir())
+    assert configs == ["lightning.yaml", "project.yaml"]
+    with open(straight_run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for column in ("train/loss_train", "train/loss_reg", "train/loss"):
+        values = [float(r[column]) for r in rows if r.get(column)]
+        assert len(values) == 4 and all(np.isfinite(values)), column
+    step_rows = [r for r in rows if r.get("train/loss")]
+    for row in step_rows:  # loss = loss_train + reg_weight (1.0) * loss_reg
+        assert float(row["train/loss"]) == pytest.approx(float(row["train/loss_train"]) + float(row["train/loss_reg"]), rel=1e-5)
+    checkpoint = read_checkpoint(straight_run / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4 and checkpoint["optimizer_states"] and "rng_states" in checkpoint
+    export = straight_run / "export" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(export))
+    assert not any(k.startswith("model_ema.") for k in weights)
+    assert torch.equal(weights["model.diffusion_model.out.2.weight"], checkpoint["state_dict"]["model.diffusion_model.out.2.weight"])
+
+
+def test_resume_is_exact(workspace, straight_run):
+    run_main(workspace, *base_args(workspace), "-t", "-n", "half", "--max_steps", "2", NO_IMAGES)
+    half = run_dir(workspace, "half")
+    run_main(workspace, "-r", str(half), "-t", "--max_steps", "4")
+    resumed = read_checkpoint(half / "checkpoints" / "last.ckpt")
+    straight = read_checkpoint(straight_run / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == straight["global_step"] == 4
+    differing = [k for k, v in straight["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])]
+    assert differing == []
+    trained = read_checkpoint(half / "checkpoints" / "step=000002.ckpt")["state_dict"]
+    key = "model.diffusion_model.out.2.weight"
+    assert not torch.equal(trained[key], resumed["state_dict"][key]), "the resumed run must have trained further"
+
+
+def test_exported_weights_edit(straight_run, tmp_path):
+    from scripts.edit_cli import main as edit_main
+
+    photo = tmp_path / "wolf.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(photo)
+    (project,) = (straight_run / "configs").glob("*-project.yaml")
+    out = tmp_path / "edited.png"
+    code = edit_main(["--ckpt", str(straight_run / "export" / "model.safetensors"), "--config", str(project),
+                      "--input", str(photo), "--output", str(out), "--edit", "replace the wolf with a sks dog",
+                      "--steps", "2", "--resolution", "64", "--quiet"])
+    assert code == 0 and Image.open(out).size == (64, 64)
+
+
+def test_ddp_two_processes(workspace):
+    probe = workspace["root"] / "probe"
+    run_main(workspace, *base_args(workspace), "-t", "-n", "ddp", "--max_steps", "2", NO_IMAGES,
+             "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",
+             "lightning.callbacks.probe.target=tests.ddp_probe.DDPProbe",
+             f"lightning.callbacks.probe.params.out_dir={probe}")
+    records = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2]
+    assert records[0]["weights"] == records[1]["weights"], "DDP ranks must end with identical weights"
+    assert records[0]["seen"] and records[1]["seen"]
+    assert not set(records[0]["seen"]) & set(records[1]["seen"]), "each rank must see different training pairs"
+    assert len(list(workspace["logs"].glob("*_ddp"))) == 1
+    ddp = run_dir(workspace, "ddp")
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["last.ckpt", "step=000002.ckpt"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-t"], "give at least one config"),
+        (["-b", "nope.yaml", "-t"], "config not found: nope.yaml"),
+        (["-b", str(TINY_TRAIN), "-t", "--data_root", "/no/such/dir"], "--data_root /no/such/dir"),
+        (["-b", str(TINY_TRAIN)], "nothing to do"),
+        (["-r", "/no/such/logdir", "-t"], "--resume /no/such/logdir"),
+    ],
+)
+def test_bad_flags_are_clear_errors(args, message, capsys, tmp_path):
+    from main import main
+
+    assert main([*args, "-l", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_argument_shapes_exit(tmp_path):
+    from main import main
+
+    for args in (["-n", "x", "-r", "y"], ["--bogus"], ["-b", str(TINY_TRAIN), "--max_steps", "1", "oops"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------------------------ in-process training checks
+
+
+def _batch(seed: int, batch_size: int = 2, caption: str = "replace the wolf with a sks dog") -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.rand(batch_size, 3, 64, 64, generator=generator) * 2 - 1,
+        "c_concat": torch.rand(batch_size, 3, 64, 64, generator=generator) * 2 - 1,
+        "caption": [caption] * batch_size,
+    }
+
+
+def _dreambooth_model(**params):
+    defaults = dict(use_ema=False, cond_stage_trainable=True, first_stage_key="image", cond_stage_key="caption")
+    return build_tiny_model(seed=2, **{**defaults, **params}).train()
+
+
+def _eval_loss(model, batch) -> float:
+    with torch.no_grad():
+        losses = [model.shared_step(batch, torch.Generator().manual_seed(i))[0] for i in range(8)]
+    return float(torch.stack(losses).mean())
+
+
+def test_overfitting_two_pairs_lowers_the_loss():
+    model = _dreambooth_model(conditioning_dropout={"text": 0, "both": 0, "image": 0})
+    batch = _batch(0)
+    before = _eval_loss(model, batch)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3)
+    for step in range(100):
+        loss, _ = model.shared_step(batch, torch.Generator().manual_seed(1000 + step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = _eval_loss(model, batch)
+    assert after < 0.6 * before, (before, after)
+
+
+def _gradients(model, train_batch, reg_batch, reg_weight):
+    model.zero_grad()
+    loss_train, _ = model.shared_step(train_batch, torch.Generator().manual_seed(1))
+    loss_reg, _ = model.shared_step(reg_batch, torch.Generator().manual_seed(2))
+    prior_preservation_loss(loss_train, loss_reg, reg_weight).backward()
+    return torch.cat([p.grad.flatten() for p in model.model.parameters()])
+
+
+def test_reg_weight_changes_the_gradient():
+    model = _dreambooth_model()
+    train_batch, reg_batch = _batch(0), _batch(1, caption="replace the wolf with a dog")
+    g0 = _gradients(model, train_batch, reg_batch, 0.0)
+    g1 = _gradients(model, train_batch, reg_batch, 1.0)
+    model.zero_grad()
+    model.shared_step(train_batch, torch.Generator().manual_seed(1))[0].backward()
+    g_train = torch.cat([p.grad.flatten() for p in model.model.parameters()])
+    torch.testing.assert_close(g0, g_train)
+    assert (g1 - g0).norm() > 1e-3 * g0.norm()
+
+
+@pytest.mark.parametrize("cond_stage_trainable,unfreeze_model", [(False, True), (True, True), (False, False)])
+def test_frozen_parts_stay_bit_identical(cond_stage_trainable, unfreeze_model):
+    model = _dreambooth_model(cond_stage_trainable=cond_stage_trainable, unfreeze_model=unfreeze_model)
+    parts = {"vae": model.first_stage_model, "text": model.cond_stage_model, "unet": model.model}
+    before = {name: [p.detach().clone() for p in part.parameters()] for name, part in parts.items()}
+    params = model.trainable_parameters()
+    if not params:
+        with pytest.raises(ValueError, match="nothing to train"):
+            model.configure_optimizers()
+        params = [model.logvar.requires_grad_(True)]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for step in range(2):
+        loss, _ = model.shared_step(_batch(step), torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    expect_change = {"vae": False, "text": cond_stage_trainable, "unet": unfreeze_model}
+    for name, part in parts.items():
+        same = all(torch.equal(a, b) for a, b in zip(before[name], part.parameters()))
+        assert same != expect_change[name], name
+    assert not model.first_stage_model.training
+
+
+def test_joint_dropout_rates():
+    drop_text, drop_image = JointDropout().masks(200_000, torch.Generator().manual_seed(0))
+    text_only = (drop_text & ~drop_image).float().mean()
+    both = (drop_text & drop_image).float().mean()
+    image_only = (~drop_text & drop_image).float().mean()
+    for value in (text_only, both, image_only):
+        assert abs(float(value) - 0.05) < 0.003
+    none = JointDropout(0, 0, 0).masks(1000)
+    assert not none[0].any() and not none[1].any()
+    with pytest.raises(ValueError):
+        JointDropout(0.5, 0.4, 0.2)
