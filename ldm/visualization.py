@@ -35,5 +35,15 @@ def labelled_grid(
         y = padding + row * (cell_h + padding)
         grid.paste(image.convert("RGB"), (x, y))
         if labels is not None:
-            draw.text((x + 2, y + image.height + 1), labels[index], fill=(0, 0, 0), font=font)
+            text = _fit_text(labels[index], font, image.width - 4)
+            draw.text((x + 2, y + image.height + 1), text, fill=(0, 0, 0), font=font)
     return grid
+
+
+def _fit_text(text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """``text`` shortened with an ellipsis until it fits in ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
