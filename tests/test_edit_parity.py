@@ -5,57 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data.transforms import image_to_tensor
 from ldm.editing import edit_latents
+from tests.oracle import diffusers_ip2p_pipeline
 from tests.tiny import build_tiny_model, tiny_config
 
 STEPS = 10  # k-diffusion's and diffusers' Euler sigmas coincide when linspace(999, 0, n) lands on integers
 PROMPT = "replace the wolf with a sks dog"
-
-
-def _diffusers_pipeline(model, config, tmp_path):
-    """diffusers' StableDiffusionInstructPix2PixPipeline built offline from our original-layout state dict."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionInstructPix2PixPipeline,
-        UNet2DConditionModel,
-    )
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        create_diffusers_clip_model_from_ldm,
-        create_unet_diffusers_config_from_ldm,
-        create_vae_diffusers_config_from_ldm,
-    )
-    from transformers import CLIPTextModel
-
-    from ldm.modules.encoders.modules import clip_text_config
-
-    checkpoint = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    original = OmegaConf.to_container(config, resolve=True)
-    unet_config = create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=64)
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(dict(checkpoint), unet_config), strict=True)
-    vae_config = create_vae_diffusers_config_from_ldm(original, checkpoint, image_size=64)
-    vae = AutoencoderKL(**vae_config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(checkpoint), vae_config), strict=True)
-    text_overrides = original["model"]["params"]["cond_stage_config"]["params"]["text_config"]
-    clip_text_config(text_overrides).save_pretrained(tmp_path / "text_encoder")
-    text_encoder = create_diffusers_clip_model_from_ldm(
-        CLIPTextModel, dict(checkpoint), subfolder="text_encoder", config=str(tmp_path), local_files_only=True
-    )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        timestep_spacing="linspace",
-    )
-    return StableDiffusionInstructPix2PixPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=model.cond_stage_model.tokenizer, unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
 
 
 def _photo(seed: int = 0) -> Image.Image:
@@ -68,7 +26,7 @@ def _photo(seed: int = 0) -> Image.Image:
 def test_whole_edit_matches_diffusers_pipeline(tmp_path, text_scale, image_scale):
     config = tiny_config(use_ema=False)
     model = build_tiny_model(seed=3, use_ema=False)
-    pipe = _diffusers_pipeline(model, config, tmp_path)
+    pipe = diffusers_ip2p_pipeline(model, config, tmp_path)
     image = _photo()
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
 

@@ -1,0 +1,555 @@
+#!/usr/bin/env python
+"""Make Instruct2Dream training pairs by running the stock InstructPix2Pix "in reverse" (DreamBooth data).
+
+    # training: each real subject photo is a target (NN_1); its IP2P edit into a wolf is the input (NN_0)
+    python scripts/generate_dataset.py --mode train --subject_dir photos/my_dog --class_word dog --source_word wolf \
+        --samples_per_image 2 --output data/my_dog/training
+    # regularization: real wolves → generated dogs and/or generated wolves → real dogs (captions without identifier)
+    python scripts/generate_dataset.py --mode reg --reg_source_dir photos/wolves --reg_class_dir photos/dogs \
+        --class_word dog --source_word wolf --num_pairs 100 --output data/my_dog/regularization
+
+Pair ``i`` uses photo ``i mod n`` (reg mode alternates source and class photos) and a seed derived from --seed and
+``i``. The real photo and its edit share one crop and size (`fit_for_edit`), so every pair is aligned. The output
+folder holds ``NNN_0.png`` (input), ``NNN_1.png`` (target), ``pairs.jsonl`` (one JSON line per pair: files,
+instructions, seed, guidance, checkpoint sha256, source photo, …) and ``generate_dataset.json`` (the settings,
+checked on every rerun). A rerun resumes where a run stopped; a larger --num_pairs / --samples_per_image adds
+pairs; other changed settings are refused. Unreadable photos stop the run, or with --skip-unreadable are skipped
+and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from scripts.edit_cli import DEFAULT_CKPT, DEFAULT_CONFIG, METADATA_KEY, SAMPLER_NAMES, UsageError  # noqa: E402
+
+logger = logging.getLogger("generate_dataset")
+
+MANIFEST = "pairs.jsonl"
+SETTINGS = "generate_dataset.json"
+SETTINGS_FORMAT = 1
+PAIR_FILE = re.compile(r"^\d+_[01]\.png$")
+TEMP_FILE = re.compile(r"^\.(\d+_[01]\.png|pairs\.jsonl|generate_dataset\.json)\..+\.tmp$")  # from atomic_path
+REVERSE_TEMPLATE = "replace the {class} with a {source}"
+FORWARD_TEMPLATES = {"train": "replace the {source} with a {identifier} {class}",
+                     "reg": "replace the {source} with a {class}"}
+# Test hook: SIGKILL this process just before its N-th commit (an image rename or a manifest append, counted from 1
+# in this run): a crash at the worst moment, with the temporary file written and not yet committed.
+KILL_ENV = "I2D_GENERATE_KILL_AT"
+RECIPE_KEYS = ("mode", "class_word", "source_word", "identifier", "forward_template", "reverse_template", "steps",
+               "cfg_text", "cfg_image", "resolution", "sampler", "seed", "ema", "photos")
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A real photo: ``kind`` is subject (train), source or class (reg); ``sha256`` of its bytes once read."""
+
+    kind: str
+    path: Path
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One planned pair: which photo is edited with which instruction and seed, and which side is generated."""
+
+    index: int
+    photo: Photo
+    seed: int
+    kind: str  # train | reg_source | reg_class
+    edit_instruction: str  # given to InstructPix2Pix
+    instruction: str  # the pair's caption (forward direction)
+    generated: str  # "input" (NN_0) or "target" (NN_1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=("train", "reg"), required=True, help="training or regularization pairs")
+    p.add_argument("--subject_dir", "--subject-dir", help="train: real photos of the subject (the targets)")
+    p.add_argument("--reg_source_dir", "--reg-source-dir", help="reg: real photos of the source class (inputs)")
+    p.add_argument("--reg_class_dir", "--reg-class-dir", help="reg: real photos of the class (targets)")
+    p.add_argument("--class_word", "--class-word", required=True, help="the subject's class, e.g. dog")
+    p.add_argument("--source_word", "--source-word", required=True, help="another class, e.g. wolf")
+    p.add_argument("--identifier", default="sks", help="rare token naming the subject (training captions)")
+    p.add_argument("--samples_per_image", "--samples-per-image", type=int, default=None,
+                   help="train: pairs (seeds) per subject photo (default 1)")
+    p.add_argument("--num_pairs", "--num-pairs", type=int, default=None,
+                   help="reg: number of pairs, cycling photos and seeds (default 100)")
+    p.add_argument("--output", required=True, help="output folder (created, or resumed when it holds our pairs)")
+    p.add_argument("--reverse_template", "--reverse-template", default=REVERSE_TEMPLATE,
+                   help="edit of a subject/class photo; fields {class} {source} {identifier}")
+    p.add_argument("--forward_template", "--forward-template", default=None,
+                   help=f"the caption (and the edit of source photos); default {FORWARD_TEMPLATES['train']!r} "
+                        f"(train), {FORWARD_TEMPLATES['reg']!r} (reg)")
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="stock InstructPix2Pix weights (.ckpt or .safetensors)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="model config (YAML, target/params)")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps")
+    p.add_argument("--resolution", type=int, default=512,
+                   help="about this many pixels on the long side; both sides become multiples of 64")
+    p.add_argument("--cfg-text", type=float, default=7.5, help="text guidance scale s_T")
+    p.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale s_I")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="euler_ancestral", help="sampler")
+    p.add_argument("--seed", type=int, default=0, help="base seed; pair i gets a seed derived from it and i")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="autocast precision; auto = fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per model call (same-size photos share a call)")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="the checkpoint's EMA UNet weights")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="the checkpoint's training UNet weights")
+    p.add_argument("--tokenizer", default=None, help="local CLIP tokenizer folder for offline machines")
+    p.add_argument("--skip-unreadable", action="store_true", help="skip and list unreadable photos instead of stopping")
+    p.add_argument("--force", action="store_true", help="write into a folder holding other files (left untouched)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    for name, minimum in (("steps", 1), ("resolution", 64), ("batch_size", 1)):
+        if getattr(args, name) < minimum:
+            p.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+    train = args.mode == "train"
+    allowed = {"subject_dir": train, "samples_per_image": train, "reg_source_dir": not train,
+               "reg_class_dir": not train, "num_pairs": not train}
+    stray = [f"--{name}" for name, ok in allowed.items() if not ok and getattr(args, name) is not None]
+    if stray:
+        p.error(f"--mode {args.mode} does not take {', '.join(stray)}")
+    if not (args.subject_dir if train else args.reg_source_dir or args.reg_class_dir):
+        p.error(f"--mode {args.mode} needs {'--subject_dir' if train else '--reg_source_dir and/or --reg_class_dir'}")
+    count = "samples_per_image" if train else "num_pairs"
+    if getattr(args, count) is None:
+        setattr(args, count, 1 if train else 100)
+    if getattr(args, count) < 1:
+        p.error(f"--{count} must be at least 1, got {getattr(args, count)}")
+    args.forward_template = args.forward_template or FORWARD_TEMPLATES[args.mode]
+    return args
+
+
+def fill_template(template: str, option: str, words: dict[str, str]) -> str:
+    """Format an instruction template with {class} {source} {identifier}; a bad template is a `UsageError`."""
+    try:
+        return template.format_map(words)
+    except (KeyError, IndexError, ValueError) as err:
+        problem = f"unknown field {err}" if isinstance(err, KeyError) else str(err)
+        raise UsageError(f"{option} {template!r}: {problem}; use {{class}} {{source}} {{identifier}}") from None
+
+
+def check_words(args: argparse.Namespace) -> dict[str, str]:
+    """Validate the words and both templates before anything is read or written; returns the template fields."""
+    words = {"class": args.class_word, "source": args.source_word, "identifier": args.identifier}
+    for key, word in words.items():
+        if not word.strip() or "\n" in word:
+            raise UsageError(f"--{key if key == 'identifier' else key + '_word'} {word!r}: give one word")
+    if args.mode == "reg" and "{identifier}" in args.forward_template:
+        raise UsageError(f"--forward_template {args.forward_template!r}: reg captions take no {{identifier}}")
+    fill_template(args.forward_template, "--forward_template", words)
+    fill_template(args.reverse_template, "--reverse_template", words)
+    return words
+
+
+def find_photos(folder: str, option: str) -> list[Path]:
+    """The image files of ``folder`` sorted by name; other entries are logged; no image is a `UsageError`."""
+    from ldm.data.transforms import is_image_file
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise UsageError(f"{option} {path}: no such folder")
+    entries = sorted(path.iterdir())
+    photos = [p for p in entries if p.is_file() and is_image_file(p)]
+    ignored = [p.name for p in entries if p not in photos]
+    if ignored:
+        logger.warning("%s: ignoring %d non-image entries: %s", path, len(ignored), ", ".join(ignored))
+    if not photos:
+        raise UsageError(f"{option} {path} contains no image files")
+    return photos
+
+
+def collect_photos(args: argparse.Namespace) -> list[Photo]:
+    """Train: the subject photos. Reg: source and class photos alternating, so any prefix of pairs mixes both."""
+    if args.mode == "train":
+        return [Photo("subject", p) for p in find_photos(args.subject_dir, "--subject_dir")]
+    found = {kind: [Photo(kind, p) for p in find_photos(folder, option)] if folder else []
+             for kind, folder, option in (("source", args.reg_source_dir, "--reg_source_dir"),
+                                          ("class", args.reg_class_dir, "--reg_class_dir"))}
+    sources, classes = found["source"], found["class"]
+    return [p for pair in zip(sources, classes) for p in pair] + sources[len(classes):] + classes[len(sources):]
+
+
+def load_photos(photos: list[Photo], resolution: int, skip_unreadable: bool) -> tuple[list[Photo], dict[Path, Any]]:
+    """Read, hash and fit every photo; returns the readable photos (with sha256) and their fitted images.
+
+    Unreadable photos raise one `UsageError` naming all of them, or with ``skip_unreadable`` are dropped and listed.
+    """
+    from ldm.data.transforms import ImageLoadError, fit_for_edit, load_image
+
+    readable, images, bad = [], {}, []
+    for photo in photos:
+        try:
+            images[photo.path] = fit_for_edit(load_image(photo.path, max_side=resolution), resolution)
+            readable.append(Photo(photo.kind, photo.path, hashlib.sha256(photo.path.read_bytes()).hexdigest()))
+        except ImageLoadError as err:
+            bad.append(str(err))
+    if bad and not skip_unreadable:
+        raise UsageError(f"{len(bad)} photo(s) cannot be read (fix or remove them, or pass --skip-unreadable):\n  "
+                         + "\n  ".join(bad))
+    for message in bad:
+        logger.warning("skipped: %s", message)
+    if not readable:
+        raise UsageError("no readable photo left")
+    return readable, images
+
+
+def pair_seed(base: int, index: int) -> int:
+    """Seed of pair ``index``: a hash of (base, index), so no pair's noise (seed, ancestral seed+1) is another's."""
+    digest = hashlib.sha256(f"instruct2dream:{base}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def plan_pairs(args: argparse.Namespace, words: dict[str, str], photos: list[Photo], total: int) -> list[Pair]:
+    """Every pair of the dataset, in index order, from the photos, the seed and the templates alone."""
+    forward = fill_template(args.forward_template, "--forward_template", words)
+    reverse = fill_template(args.reverse_template, "--reverse_template", words)
+    pairs = []
+    for index in range(total):
+        photo = photos[index % len(photos)]
+        if photo.kind == "source":  # real source photo (input) → generated class image (target)
+            kind, edit, generated = "reg_source", forward, "target"
+        else:  # generated source image (input) ← real subject / class photo (target)
+            kind, edit, generated = ("train" if args.mode == "train" else "reg_class"), reverse, "input"
+        pairs.append(Pair(index, photo, pair_seed(args.seed, index), kind, edit, forward, generated))
+    return pairs
+
+
+def require_files(config: Path, ckpt: Path) -> None:
+    """`FileNotFoundError` for a missing config or checkpoint."""
+    if not config.is_file():
+        raise FileNotFoundError(f"config not found: {config}")
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt} (download it with "
+                                "`python scripts/download_checkpoint.py`, or pass --ckpt)")
+
+
+def checkpoint_identity(path: Path, before: dict | None, quiet: bool) -> dict:
+    """Name and sha256 of a (multi-GB) checkpoint, streamed with a progress bar; it must match ``before`` (the
+    folder's record), whose hash is reused when path, size and mtime are unchanged."""
+    from tqdm import tqdm
+
+    stat = path.stat()
+    identity = {"name": path.name, "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if before and all(before.get(k) == identity[k] for k in ("path", "size", "mtime_ns")):
+        return {**identity, "sha256": before["sha256"]}
+    logger.info("hashing %s (once per output folder; recorded in %s)", path, SETTINGS)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle, tqdm(total=stat.st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                          disable=quiet) as bar:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    identity["sha256"] = digest.hexdigest()
+    if before and before["sha256"] != identity["sha256"]:
+        raise UsageError(f"the output folder was generated with checkpoint {before['name']} (sha256 "
+                         f"{before['sha256'][:12]}…), not {path} (sha256 {identity['sha256'][:12]}…); "
+                         "use a new --output folder")
+    return identity
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class OutputFolder:
+    """The output folder; our files: ``NNN_0/1.png``, the manifest, the settings and our temporary files.
+
+    An exclusive lock is held while the folder is open, so two generators never write to one folder.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.settings: dict | None = None
+        self.width = 3  # digits of the pair indices, fixed when the folder is created
+        self._dir_fd: int | None = None
+        self._manifest_fd: int | None = None
+        self._commits = 0
+        self._kill_at = int(os.environ.get(KILL_ENV) or 0)
+
+    def open(self, force: bool, photo_dirs: list[Path]) -> None:
+        """Create and lock the folder, refuse foreign files (unless ``force``), read the settings."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--output {self.path} exists and is not a folder")
+        if any(self.path.resolve() == d.resolve() for d in photo_dirs):
+            raise UsageError(f"--output {self.path} is a photo folder; choose another folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another generate_dataset.py is writing to {self.path}") from None
+        names = {p.name for p in self.path.iterdir()}
+        if SETTINGS in names:
+            try:
+                self.settings = json.loads((self.path / SETTINGS).read_text())
+            except ValueError as err:
+                raise UsageError(f"{self.path / SETTINGS}: invalid JSON ({err}); delete the folder") from None
+            if self.settings.get("format") != SETTINGS_FORMAT:
+                raise UsageError(f"{self.path / SETTINGS}: unknown format {self.settings.get('format')!r}")
+            if not (MANIFEST in names and (self.path / MANIFEST).stat().st_size):
+                logger.info("%s holds no pair yet: starting afresh", self.path)
+                self.settings = None  # nothing was made with these settings: new ones may replace them
+            ours = {n for n in names if n in (SETTINGS, MANIFEST) or PAIR_FILE.match(n) or TEMP_FILE.match(n)}
+        else:
+            clashing = sorted(n for n in names if n == MANIFEST or PAIR_FILE.match(n))
+            if clashing:  # never adopt someone else's pairs (a later run would delete them as orphans)
+                shown = ", ".join(clashing[:5]) + (" …" if len(clashing) > 5 else "")
+                raise UsageError(f"--output {self.path} holds pair files not made by this script ({shown}); "
+                                 "choose a new folder")
+            ours = {n for n in names if TEMP_FILE.match(n)}
+        foreign = sorted(names - ours)
+        if foreign and not force:
+            raise UsageError(f"--output {self.path} holds {len(foreign)} file(s) that are not ours "
+                             f"({', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}); choose an empty or new "
+                             "folder, or pass --force to write beside them")
+        if foreign:
+            logger.warning("--force: leaving %d foreign file(s) in %s untouched", len(foreign), self.path)
+
+    def check_recipe(self, recipe: dict) -> None:
+        """Refuse a rerun whose settings differ from the folder's, naming every difference."""
+        before = self.settings["recipe"] if self.settings else recipe
+        diffs = []
+        for key in (k for k in RECIPE_KEYS if before.get(k) != recipe[k]):
+            if key == "photos":  # [kind, name, sha256] each
+                old, new = ({f"{k}/{n}" for k, n, _ in photos} for photos in (before.get(key, []), recipe[key]))
+                changed = sorted(old ^ new) or ["same names, other content or order"]
+                diffs.append(f"photos differ: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''}")
+            else:
+                diffs.append(f"{key}: {before.get(key)!r} in the folder, {recipe[key]!r} now")
+        if diffs:
+            raise UsageError(f"--output {self.path} was generated with other settings:\n  " + "\n  ".join(diffs)
+                             + "\nUse a new --output folder (or delete this one to start over).")
+
+    def write_settings(self, settings: dict) -> None:
+        """Write the settings file atomically and durably."""
+        from ldm.fileio import atomic_path
+
+        with atomic_path(self.path / SETTINGS) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            _fsync(tmp)
+        self.settings = settings
+
+    def recover(self, plan: list[Pair]) -> dict[int, dict]:
+        """Repair after a crash and return the valid records by pair index.
+
+        Drops a torn last manifest line and lines whose images are missing, deletes our temporary files and the
+        images no line refers to. A line that contradicts the plan is an error (the folder is not this dataset).
+        """
+        from ldm.fileio import atomic_path
+
+        manifest = self.path / MANIFEST
+        *lines, tail = (manifest.read_bytes() if manifest.is_file() else b"").split(b"\n")
+        dropped = int(bool(tail.strip()))  # no final newline: the last write was torn
+        records: dict[int, dict] = {}
+        kept: list[bytes] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                index = int(record["index"])
+            except (ValueError, KeyError, TypeError):
+                if number < len(lines) or tail:
+                    raise UsageError(f"{manifest}: line {number} is not a pair record; delete the folder") from None
+                dropped += 1  # a torn last write that happens to end with a newline
+                continue
+            if index >= len(plan):
+                raise UsageError(f"{manifest} holds pair {index} but only {len(plan)} are planned now; raise "
+                                 "--num_pairs / --samples_per_image or use a new --output folder")
+            names = (record.get("input"), record.get("target"))
+            if (record.get("seed"), record.get("source_name"), names) != (
+                    plan[index].seed, plan[index].photo.path.name, self.pair_names(index)):
+                raise UsageError(f"{manifest}: line {number} (pair {index}) does not match the plan; use a new folder")
+            if index in records or not all((self.path / n).is_file() and (self.path / n).stat().st_size for n in names):
+                dropped += 1  # a duplicate, or an image lost after its line was written
+                continue
+            records[index] = record
+            kept.append(line + b"\n")
+        if dropped:
+            logger.warning("%s: dropping %d torn, duplicate or dangling line(s)", manifest, dropped)
+            with atomic_path(manifest) as tmp:
+                tmp.write_bytes(b"".join(kept))
+                _fsync(tmp)
+        referenced = {n for r in records.values() for n in (r["input"], r["target"])}
+        for entry in sorted(self.path.iterdir()):
+            if (PAIR_FILE.match(entry.name) and entry.name not in referenced) or TEMP_FILE.match(entry.name):
+                logger.info("removing %s, left by an interrupted run", entry.name)
+                entry.unlink()
+        return records
+
+    def pair_names(self, index: int) -> tuple[str, str]:
+        """File names of pair ``index``: (input, target), zero-padded to the folder's fixed width."""
+        return f"{index:0{self.width}d}_0.png", f"{index:0{self.width}d}_1.png"
+
+    def _commit_point(self) -> None:
+        """Count commits; the test hook (`KILL_ENV`) kills the process just before the chosen one."""
+        self._commits += 1
+        if self._commits == self._kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def write_image(self, image: Any, name: str, metadata: dict) -> None:
+        """Write a PNG atomically and durably; ``metadata`` goes into a text chunk (as edit_cli's outputs)."""
+        from PIL.PngImagePlugin import PngInfo
+
+        from ldm.fileio import atomic_path
+
+        with atomic_path(self.path / name) as tmp:
+            info = PngInfo()
+            info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+            image.save(tmp, format="PNG", pnginfo=info)
+            _fsync(tmp)
+            self._commit_point()
+
+    def append_record(self, record: dict) -> None:
+        """Append one manifest line in a single write, once the renames of its images are durable."""
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        os.fsync(self._dir_fd)
+        if self._manifest_fd is None:
+            self._manifest_fd = os.open(self.path / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self._commit_point()
+        if os.write(self._manifest_fd, data) != len(data):
+            raise OSError(f"short write to {self.path / MANIFEST}")
+        os.fsync(self._manifest_fd)
+
+    def close(self) -> None:
+        """Close the manifest and release the lock."""
+        for fd in (self._manifest_fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)
+        self._manifest_fd = self._dir_fd = None
+
+
+def generate(model: Any, pairs: list[Pair], images: dict[Path, Any], folder: OutputFolder, record_base: dict,
+             batch_size: int, quiet: bool = False) -> int:
+    """Edit the photos of ``pairs`` (same-size photos share a batch) and commit each pair; returns the count.
+
+    ``record_base``: the manifest fields shared by every pair, sampling settings included (steps, sampler,
+    precision, cfg_text, cfg_image).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from ldm.data.transforms import image_to_tensor, tensor_to_image
+    from ldm.editing import decode_to_images, edit_latents
+
+    device = next(model.parameters()).device
+    by_size: dict[tuple[int, int], list[Pair]] = {}
+    for pair in pairs:
+        by_size.setdefault(images[pair.photo.path].size, []).append(pair)
+    batches = [group[i : i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+    base = record_base
+    with tqdm(total=len(pairs), desc="generating", unit="pair", disable=quiet) as bar:
+        for batch in batches:
+            pixels = torch.stack([image_to_tensor(images[p.photo.path]) for p in batch]).to(device)  # (B, 3, H, W)
+            n = len(batch)
+            latents = edit_latents(model, pixels, [p.edit_instruction for p in batch], [base["cfg_text"]] * n,
+                                   [base["cfg_image"]] * n, [p.seed for p in batch], steps=base["steps"],
+                                   sampler=base["sampler"], precision=base["precision"])  # (B, 4, H/8, W/8)
+            for pair, x in zip(batch, decode_to_images(model, latents, base["precision"])):
+                real, made = images[pair.photo.path], tensor_to_image(x)
+                if made.size != real.size:
+                    raise ValueError(f"the edit of {pair.photo.path} is {made.size}, the photo {real.size}")
+                names = folder.pair_names(pair.index)
+                record = {
+                    **base, "index": pair.index, "input": names[0], "target": names[1],
+                    "instruction": pair.instruction, "edit_instruction": pair.edit_instruction,
+                    "generated": pair.generated, "kind": pair.kind, "seed": pair.seed, "width": real.width,
+                    "height": real.height, "source_photo": str(pair.photo.path.resolve()),
+                    "source_name": pair.photo.path.name, "source_sha256": pair.photo.sha256,
+                }
+                sides = (made, real) if pair.generated == "input" else (real, made)
+                for role, image, name in zip(("input", "target"), sides, names):
+                    folder.write_image(image, name, {**record, "role": role})
+                folder.append_record(record)
+                bar.update(1)
+    return len(pairs)
+
+
+def run(args: argparse.Namespace) -> int:
+    words = check_words(args)
+    photos, images = load_photos(collect_photos(args), args.resolution, args.skip_unreadable)
+    config, ckpt = Path(args.config), Path(args.ckpt)
+    if not (Path(args.output) / SETTINGS).is_file():  # a new folder: fail before creating anything
+        require_files(config, ckpt)
+    total = len(photos) * args.samples_per_image if args.mode == "train" else args.num_pairs
+    recipe = {key: getattr(args, key) for key in RECIPE_KEYS if key != "photos"}
+    recipe["photos"] = [[p.kind, p.path.name, p.sha256] for p in photos]
+    folder = OutputFolder(args.output)
+    try:
+        folder.open(args.force, sorted({p.path.parent for p in photos}))
+        folder.check_recipe(recipe)
+        folder.width = folder.settings["index_width"] if folder.settings else max(3, len(str(total - 1)))
+        if total > 10**folder.width:
+            raise UsageError(f"{total} pairs do not fit the {folder.width}-digit names of {folder.path}; "
+                             "use a new --output folder")
+        plan = plan_pairs(args, words, photos, total)
+        done = folder.recover(plan)
+        pending = [pair for pair in plan if pair.index not in done]
+        logger.info("%s: %d pairs planned, %d there, %d to generate", folder.path, total, len(done), len(pending))
+        if pending or ckpt.is_file():  # a finished folder needs no checkpoint, but a given one must be the same
+            require_files(config, ckpt)
+            identity = checkpoint_identity(ckpt, folder.settings and folder.settings["checkpoint"], args.quiet)
+        if pending:
+            folder.write_settings({"format": SETTINGS_FORMAT, "recipe": recipe, "checkpoint": identity,
+                                   "index_width": folder.width, "pairs_planned": total})
+            generate_pending(args, folder, pending, images, words, identity)
+    finally:
+        folder.close()
+    print(f"{folder.path}: {total} pairs ({len(pending)} new, {len(done)} already there)")
+    return 0
+
+
+def generate_pending(args: argparse.Namespace, folder: OutputFolder, pending: list[Pair], images: dict[Path, Any],
+                     words: dict[str, str], identity: dict) -> None:
+    """Load the model and generate the pending pairs."""
+    from ldm.editing import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer)
+    record_base = {
+        "mode": args.mode, "class_word": args.class_word, "source_word": args.source_word,
+        "identifier": args.identifier, "reverse_instruction": fill_template(args.reverse_template, "", words),
+        "cfg_text": args.cfg_text, "cfg_image": args.cfg_image, "steps": args.steps, "sampler": args.sampler,
+        "resolution": args.resolution, "checkpoint": identity["name"], "checkpoint_sha256": identity["sha256"],
+        "ema": loaded.used_ema, "precision": precision, "device": device.type,
+    }
+    generate(loaded.model, pending, images, folder, record_base, args.batch_size, args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    from ldm.checkpoint import CheckpointError
+    from ldm.data.transforms import ImageLoadError
+
+    try:
+        return run(args)
+    except (UsageError, ImageLoadError, CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
