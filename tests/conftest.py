@@ -12,6 +12,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The fast tier runs tiny models, where a second OpenMP thread gains little and, on a busy machine, spin-waiting
+# threads slow every op several-fold. One thread here and in the CLIs the tests launch (I2D_TEST_THREADS overrides).
+THREADS = os.environ.get("I2D_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+os.environ.setdefault("MKL_NUM_THREADS", THREADS)
 
 import pytest  # noqa: E402
 
@@ -21,6 +26,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(int(THREADS))
     config.addinivalue_line("markers", "slow: full-size models or long runs; enabled by --slow or -m slow")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
 

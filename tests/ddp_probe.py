@@ -21,11 +21,11 @@ class DDPProbe(Callback):
     def __init__(self, out_dir: str) -> None:
         super().__init__()
         self.out_dir = Path(out_dir)
-        self.seen: list[str] = []
+        self.seen: list[list[str]] = []  # per step: the digests of the training images of this rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         train_half = batch[0]
-        self.seen += [_digest([image]) for image in train_half["image"]]
+        self.seen.append([_digest([image]) for image in train_half["image"]])
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,16 +35,28 @@ def make_pairs(folder: Path, count: int, seed: int, size=(80, 96)) -> Path:
     return folder
 
 
+def make_photos(folder: Path, count: int, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray((rng.random((70, 90, 3)) * 255).astype(np.uint8)).save(folder / f"photo{i}.jpg")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    """Training and regularization sets made by the real generator from photos (issue 5: no renaming step)."""
+    from scripts.generate_dataset import main as generate
+
     root = tmp_path_factory.mktemp("train")
-    return {
-        "root": root,
-        "ckpt": save_tiny_checkpoint(root / "base.ckpt", seed=5),
-        "train": make_pairs(root / "training", 2, 1),
-        "reg": make_pairs(root / "regularization", 3, 2),
-        "logs": root / "logs",
-    }
+    ckpt = save_tiny_checkpoint(root / "base.ckpt", seed=5)
+    common = ["--ckpt", str(ckpt), "--config", str(REPO / "configs" / "tiny" / "ip2p-tiny.yaml"), "--steps", "2",
+              "--resolution", "64", "--class_word", "dog", "--source_word", "wolf", "--quiet"]
+    assert generate(["--mode", "train", "--subject_dir", str(make_photos(root / "my_dog", 2, 1)),
+                     "--output", str(root / "training"), *common]) == 0
+    assert generate(["--mode", "reg", "--reg_source_dir", str(make_photos(root / "wolves", 2, 2)), "--num_pairs", "3",
+                     "--output", str(root / "regularization"), *common]) == 0
+    return {"root": root, "ckpt": ckpt, "train": root / "training", "reg": root / "regularization", "logs": root / "logs"}
 
 
 def run_main(workspace, *args: str) -> subprocess.CompletedProcess:
@@ -71,7 +84,9 @@ def straight_run(workspace) -> Path:
     return run_dir(workspace, "straight")
 
 
-def test_cli_writes_checkpoints_images_metrics_and_export(straight_run):
+def test_cli_writes_checkpoints_images_metrics_and_export(workspace, straight_run):
+    assert sorted(p.name for p in workspace["train"].iterdir()) == [
+        "000_0.png", "000_1.png", "001_0.png", "001_1.png", "generate_dataset.json", "pairs.jsonl"]
     assert sorted(p.name for p in (straight_run / "checkpoints").iterdir()) == [
         "last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
     assert sorted(p.name for p in (straight_run / "images" / "train").iterdir()) == ["gs-000002.png", "gs-000004.png"]
@@ -98,9 +113,10 @@ def test_cli_writes_checkpoints_images_metrics_and_export(straight_run):
 
 
 def test_resume_is_exact(workspace, straight_run):
-    run_main(workspace, *base_args(workspace), "-t", "-n", "half", "--max_steps", "2", NO_IMAGES)
-    half = run_dir(workspace, "half")
-    run_main(workspace, "-r", str(half), "-t", "--max_steps", "4")
+    """Stop at step 2 (the straight run's step-2 checkpoint, alone in a copy of its log dir), resume to 4."""
+    half = workspace["logs"] / f"{straight_run.name.rsplit('_', 1)[0]}_half"
+    shutil.copytree(straight_run, half, ignore=shutil.ignore_patterns("last.ckpt", "step=000004.ckpt", "export", "images"))
+    run_main(workspace, "-r", str(half / "checkpoints" / "step=000002.ckpt"), "-t", "--max_steps", "4", NO_IMAGES)
     resumed = read_checkpoint(half / "checkpoints" / "last.ckpt")
     straight = read_checkpoint(straight_run / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == straight["global_step"] == 4
@@ -133,8 +149,9 @@ def test_ddp_two_processes(workspace):
     records = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]
     assert records[0]["weights"] == records[1]["weights"], "DDP ranks must end with identical weights"
-    assert records[0]["seen"] and records[1]["seen"]
-    assert not set(records[0]["seen"]) & set(records[1]["seen"]), "each rank must see different training pairs"
+    assert len(records[0]["seen"]) == len(records[1]["seen"]) == 2
+    for step, (first, second) in enumerate(zip(records[0]["seen"], records[1]["seen"])):
+        assert not set(first) & set(second), f"step {step}: both ranks trained on the same pair"
     assert len(list(workspace["logs"].glob("*_ddp"))) == 1
     ddp = run_dir(workspace, "ddp")
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["last.ckpt", "step=000002.ckpt"]
@@ -169,11 +186,11 @@ def test_bad_argument_shapes_exit(tmp_path):
 # ------------------------------------------------------------------------------------ in-process training checks
 
 
-def _batch(seed: int, batch_size: int = 2, caption: str = "replace the wolf with a sks dog") -> dict:
+def _batch(seed: int, batch_size: int = 2, caption: str = "replace the wolf with a sks dog", size: int = 64) -> dict:
     generator = torch.Generator().manual_seed(seed)
     return {
-        "image": torch.rand(batch_size, 3, 64, 64, generator=generator) * 2 - 1,
-        "c_concat": torch.rand(batch_size, 3, 64, 64, generator=generator) * 2 - 1,
+        "image": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1,
+        "c_concat": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1,
         "caption": [caption] * batch_size,
     }
 
@@ -190,8 +207,8 @@ def _eval_loss(model, batch) -> float:
 
 
 def test_overfitting_two_pairs_lowers_the_loss():
-    model = _dreambooth_model(conditioning_dropout={"text": 0, "both": 0, "image": 0})
-    batch = _batch(0)
+    model = _dreambooth_model(conditioning_dropout={"text": 0, "both": 0, "image": 0}, cond_stage_trainable=False)
+    batch = _batch(0, size=32)
     before = _eval_loss(model, batch)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3)
     for step in range(100):
