@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +14,8 @@ from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample, UNetModel
 from ldm.modules.diffusionmodules.util import checkpoint, timestep_embedding
 from ldm.util import instantiate_from_config
+from tests.reference import manifest_entries, reference_config
 
-REFERENCE = Path("/work/shared/reference")
 PREFIX = "model.diffusion_model."
 
 TINY = dict(
@@ -61,18 +59,14 @@ TINY_CLASSES = dict(
 
 def reference_unet_entries(manifest: str) -> list[tuple[str, list[int]]]:
     """(key without the LatentDiffusion prefix, shape) of the manifest's ``unet`` group, in order."""
-    entries = json.loads((REFERENCE / manifest).read_text())["entries"]
-    unet = [(e["key"], e["shape"]) for e in entries if e["group"] == "unet"]
+    unet = [(e["key"], e["shape"]) for e in manifest_entries(manifest, "unet")]
     assert all(key.startswith(PREFIX) for key, _ in unet)
     return [(key[len(PREFIX) :], shape) for key, shape in unet]
 
 
-@pytest.mark.parametrize(
-    ("config", "manifest"),
-    [("ip2p-generate.yaml", "ip2p_checkpoint_keys.json"), ("sd-v1-inference.yaml", "sd_v1_checkpoint_keys.json")],
-)
+@pytest.mark.parametrize(("config", "manifest"), [("ip2p-generate.yaml", "ip2p"), ("sd-v1-inference.yaml", "sd_v1")])
 def test_full_size_keys_match_released_checkpoint(config: str, manifest: str) -> None:
-    unet_config = OmegaConf.load(REFERENCE / "configs" / config).model.params.unet_config
+    unet_config = reference_config(config).model.params.unet_config
     with torch.device("meta"):
         model = instantiate_from_config(unet_config)
     ours = [(key, list(value.shape)) for key, value in model.state_dict().items()]
@@ -115,7 +109,8 @@ def diffusers_twin(model: UNetModel, params: dict[str, Any]) -> torch.nn.Module:
         config = create_unet_diffusers_config_from_ldm(original_config, checkpoint_sd, image_size=256)
     # The converter knows SD1 head counts and SD2 linear projections only; fill in the other CompVis options.
     if params.get("num_head_channels", -1) != -1:
-        config["attention_head_dim"] = [params["model_channels"] * m // params["num_head_channels"] for m in params["channel_mult"]]
+        head_channels = params["num_head_channels"]
+        config["attention_head_dim"] = [params["model_channels"] * m // head_channels for m in params["channel_mult"]]
     if params.get("use_scale_shift_norm"):
         config["resnet_time_scale_shift"] = "scale_shift"
     converted = convert_ldm_unet_checkpoint(dict(checkpoint_sd), config)
@@ -123,6 +118,17 @@ def diffusers_twin(model: UNetModel, params: dict[str, Any]) -> torch.nn.Module:
         twin = UNet2DConditionModel(**config)
     twin.load_state_dict(converted, strict=True, assign=True)
     return twin.eval()
+
+
+def norm_signature(model: torch.nn.Module) -> list[tuple]:
+    """Sorted (kind, groups, width, eps) of every normalisation layer: eps is too small for outputs to reveal."""
+    signature = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            signature.append(("group", module.num_groups, module.num_channels, module.eps))
+        elif isinstance(module, torch.nn.LayerNorm):
+            signature.append(("layer", 1, module.normalized_shape[0], module.eps))
+    return sorted(signature)
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -144,12 +150,13 @@ def test_tiny_unet_matches_diffusers(params: dict[str, Any]) -> None:
         reference = twin(x, t, context, class_labels=y).sample
     assert ours.shape == (batch, 4, 16, 16)
     assert reference.abs().max() > 0.1
+    assert norm_signature(model) == norm_signature(twin)
     assert relative_error(ours, reference) <= 1e-5
 
 
 @pytest.mark.slow
 def test_full_size_ip2p_unet_matches_diffusers() -> None:
-    params = OmegaConf.to_container(OmegaConf.load(REFERENCE / "configs" / "ip2p-generate.yaml").model.params.unet_config.params)
+    params = OmegaConf.to_container(reference_config("ip2p-generate.yaml").model.params.unet_config.params)
     model = UNetModel(**params).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -267,12 +274,35 @@ def test_autocast_bfloat16() -> None:
     assert relative_error(out, reference) < 0.05
 
 
+@pytest.mark.gpu
+def test_cuda_float16_stays_close_to_cpu_float32() -> None:
+    model = randomize(UNetModel(**TINY)).eval()
+    x = torch.randn(2, 8, 8, 8)
+    t = torch.tensor([10, 700])
+    context = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        reference = model(x, t, context)
+        model = model.to("cuda", torch.float16)
+        out = model(x.to("cuda", torch.float16), t.to("cuda"), context.to("cuda", torch.float16))
+    assert out.dtype == torch.float16 and out.device.type == "cuda"
+    assert relative_error(out.float().cpu(), reference) < 0.02
+
+
 def test_scalar_timestep_is_broadcast() -> None:
     model = randomize(UNetModel(**TINY)).eval()
     x = torch.randn(2, 8, 8, 8)
     context = torch.randn(2, 5, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x, torch.tensor(42), context), model(x, torch.tensor([42, 42]), context))
+
+
+def test_spatial_transformer_returns_contiguous_nchw() -> None:
+    # A channels-last view leaking out of the transformer would switch every later conv to another,
+    # slower CPU kernel (and copy its weight on each call).
+    block = SpatialTransformer(64, 4, 16, context_dim=32)
+    out = block(torch.randn(2, 64, 4, 6), torch.randn(2, 3, 32))
+    assert out.shape == (2, 64, 4, 6)
+    assert out.is_contiguous()
 
 
 def test_conv_resample_false_uses_parameter_free_resampling() -> None:

@@ -147,5 +147,5 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, inner)
         for block in self.transformer_blocks:
             x = block(x, context=context)  # (B, H*W, inner)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, inner, H, W)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()  # (B, inner, H, W), not channels-last strides
         return self.proj_out(x) + x_in  # (B, C, H, W)

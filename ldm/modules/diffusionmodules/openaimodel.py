@@ -179,7 +179,8 @@ class UNetModel(nn.Module):
 
     Accepts the whole CompVis constructor signature. ``image_size`` is unused (as in the original);
     ``num_heads_upsample`` and ``use_new_attention_order`` only concern the legacy AttentionBlock, so,
-    as in the original, they have no effect on the spatial-transformer path.
+    as in the original, they have no effect on the spatial-transformer path. ``use_checkpoint`` covers the
+    transformer blocks too (CompVis SD v1 always checkpointed those; SD 2 made it follow the flag).
     """
 
     def __init__(
@@ -227,7 +228,12 @@ class UNetModel(nn.Module):
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("UNetModel: set num_heads or num_head_channels")
         if num_heads_upsample != -1 or use_new_attention_order:
-            logger.info("UNetModel: num_heads_upsample / use_new_attention_order have no effect with the spatial transformer")
+            logger.info(
+                "UNetModel: num_heads_upsample=%s / use_new_attention_order=%s have no effect with the spatial "
+                "transformer (as in CompVis)",
+                num_heads_upsample,
+                use_new_attention_order,
+            )
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
 
@@ -245,7 +251,6 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
-        self.predict_codebook_ids = False
 
         def res_block(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(
@@ -297,7 +302,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, dims=dims, out_channels=ch)))
+                downsample = Downsample(ch, conv_resample, dims=dims, out_channels=ch)
+                self.input_blocks.append(TimestepEmbedSequential(downsample))
                 input_block_chans.append(ch)
                 ds *= 2
 
