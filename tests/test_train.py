@@ -274,3 +274,37 @@ def test_joint_dropout_rates():
     assert not none[0].any() and not none[1].any()
     with pytest.raises(ValueError):
         JointDropout(0.5, 0.4, 0.2)
+
+
+def test_optimizer_scheduler_and_ema_update():
+    """AdamW on the trainable parts, a per-step LambdaLR from scheduler_config, and the EMA tracking the UNet."""
+    scheduler = {"target": "ldm.lr_scheduler.LambdaLinearScheduler",
+                 "params": {"warm_up_steps": [10], "cycle_lengths": [100], "f_start": [0.1], "f_max": [1.0],
+                            "f_min": [0.0]}}
+    model = _dreambooth_model(use_ema=True, load_ema=False, scheduler_config=scheduler, cond_stage_trainable=False)
+    model.learning_rate = 1e-3
+    config = model.configure_optimizers()
+    optimizer, lr_config = config["optimizer"], config["lr_scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW) and lr_config["interval"] == "step"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)  # warm-up starts at f_start
+    assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == sum(p.numel() for p in model.model.parameters())
+    shadow = model.model_ema.diffusion_modelout2weight.clone()
+    loss, _ = model.shared_step(_batch(0, size=32), torch.Generator().manual_seed(0))
+    loss.backward()
+    optimizer.step()
+    lr_config["scheduler"].step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * (0.1 + 0.9 / 10))
+    model.on_train_batch_end(None, None, 0)
+    updated = model.model_ema.diffusion_modelout2weight
+    assert not torch.equal(updated, shadow) and not torch.equal(updated, model.model.diffusion_model.out[2].weight)
+
+
+def test_mixed_precision_training_step_runs():
+    """bf16 autocast (Lightning's bf16-mixed on CPU) gives a finite loss and fp32 gradients."""
+    model = _dreambooth_model(cond_stage_trainable=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.shared_step(_batch(0, size=32), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)

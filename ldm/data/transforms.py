@@ -37,16 +37,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied; ``max_side`` lets JPEG decode at reduced scale.
-
-    Raises `ImageLoadError` naming the file when it is missing, empty or not an image.
-    """
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path; `ImageLoadError` naming it when it is missing or empty."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"image file is empty (0 bytes): {path}")
+    return path
+
+
+def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied; ``max_side`` lets JPEG decode at reduced scale.
+
+    Raises `ImageLoadError` naming the file when it is missing, empty or not an image.
+    """
+    path = _existing_file(path)
     try:
         with Image.open(path) as image:
             if max_side is not None and image.format == "JPEG":
@@ -155,11 +161,7 @@ def probe_image(path: str | os.PathLike[str]) -> tuple[int, int]:
     structure (truncation), a PNG by its chunk checksums (``verify``); other formats are decoded. Raises
     `ImageLoadError` naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(f"image not found: {path}")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(f"image file is empty (0 bytes): {path}")
+    path = _existing_file(path)
     try:
         with Image.open(path) as image:
             is_jpeg = image.format in ("JPEG", "MPO")
