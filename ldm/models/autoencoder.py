@@ -150,3 +150,31 @@ class IdentityFirstStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class PatchFirstStage(nn.Module):
+    """A lossless, parameter-free first stage: pixels (B, 3, H, W) ↔ patches (B, 3·p², H/p, W/p) (pixel unshuffle).
+
+    Diffusion on p×p patches is pixel-space diffusion with a p-times smaller UNet grid (patched pixel diffusion),
+    which is what makes the ShapesWorld base model train on a CPU. ``encode`` returns a point mass, as
+    `IdentityFirstStage` does, so callers use ``.mode()``/``.sample()`` as with ``AutoencoderKL``.
+    """
+
+    def __init__(self, patch: int = 4) -> None:
+        super().__init__()
+        if patch < 1:
+            raise ValueError(f"patch must be positive, got {patch}")
+        self.patch = patch
+
+    def encode(self, x: torch.Tensor) -> DiracDistribution:
+        """Pixels (B, 3, H, W) → a point mass at their patches (B, 3·p², H/p, W/p)."""
+        if x.shape[-1] % self.patch or x.shape[-2] % self.patch:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch}")
+        return DiracDistribution(F.pixel_unshuffle(x, self.patch))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Patches (B, 3·p², h, w) → pixels (B, 3, p·h, p·w)."""
+        return F.pixel_shuffle(z, self.patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x).mode())  # (B, 3, H, W), unchanged
