@@ -468,3 +468,36 @@ def test_samplers_follow_the_model_device() -> None:
         runs.append((z.cpu(), samples.cpu()))
     for on_cpu, on_gpu in zip(*runs):
         torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_x0_parameterization_denoiser_returns_the_prediction():
+    """An x0-predicting model's output is the denoised estimate; it equals the eps form of the same prediction."""
+    from ldm.models.diffusion.sampling import CompVisDenoiser
+    from ldm.models.diffusion.schedule import make_beta_schedule, schedule_buffers
+
+    alphas_cumprod = schedule_buffers(make_beta_schedule("linear", 1000, 0.00085, 0.012))["alphas_cumprod"].float()
+    x0 = torch.randn(2, 4, 3, 3)
+
+    class X0Model:
+        parameterization = "x0"
+
+        def __init__(self):
+            self.alphas_cumprod = alphas_cumprod
+
+        def apply_model(self, x_t, t, cond):
+            return x0
+
+    class EpsModel:
+        parameterization = "eps"
+
+        def __init__(self):
+            self.alphas_cumprod = alphas_cumprod
+
+        def apply_model(self, x_t, t, cond):  # the eps that makes the same x0: eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)
+            ab = alphas_cumprod[t.round().long()].view(-1, 1, 1, 1)
+            return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    sigma = torch.tensor([CompVisDenoiser(X0Model()).sigmas[500].item()] * 2)
+    x = torch.randn(2, 4, 3, 3) * sigma.view(-1, 1, 1, 1)
+    torch.testing.assert_close(CompVisDenoiser(X0Model())(x, sigma, cond=None), x0)
+    torch.testing.assert_close(CompVisDenoiser(EpsModel())(x, sigma, cond=None), x0, rtol=1e-4, atol=1e-4)

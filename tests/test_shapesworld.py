@@ -18,10 +18,10 @@ from tests.tiny import REPO
 BASE_CONFIG = REPO / "configs" / "shapesworld" / "base.yaml"
 BASE_CKPT = REPO / "configs" / "shapesworld" / "base.safetensors"
 
-# Margins of the slow demo test. Not yet set from a working run: the bundled base model (900 steps) does not make
-# clean edits yet (docs/shapesworld.md, "Status"); these are the intended effect sizes.
-FIDELITY_GAIN = 0.15  # fine-tuned (reg) subject fidelity above the base model's
-DRIFT_GAP = 0.05  # prior drift of reg_weight 0 above that of the regularized run
+# Margins of the slow demo test, about half the gaps of the measured run in docs/shapesworld.md (fidelity 0.160 →
+# 0.329 after fine-tuning with prior preservation; prior drift 0.343 with it vs 0.577 without).
+FIDELITY_GAIN = 0.08  # fine-tuned (reg) subject fidelity above the base model's
+DRIFT_GAP = 0.1  # prior drift of reg_weight 0 above that of the regularized run
 
 
 def scene(**changes) -> sw.Scene:
@@ -140,7 +140,6 @@ def test_bundled_base_model_loads_strictly():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the bundled base model is under-trained (900 steps): its edits are still noisy", strict=False)
 def test_the_method_works_in_shapesworld(tmp_path):
     """The README main job: fine-tuning learns the subject; prior preservation keeps "star" generic."""
     from scripts.shapesworld import main

@@ -47,15 +47,18 @@ def check_eps_parameterization(model: Any) -> None:
 
 
 class CompVisDenoiser:
-    """Wrap a CompVis eps-model as a denoiser in sigma space (Karras et al. 2022, Table 1, VP preconditioning).
+    """Wrap a CompVis model as a denoiser in sigma space (Karras et al. 2022, Table 1, VP preconditioning).
 
     Args:
-        model: object with ``alphas_cumprod`` (T,) and ``apply_model(x_noisy, t, cond) -> eps``.
+        model: object with ``alphas_cumprod`` (T,) and ``apply_model(x_noisy, t, cond)`` predicting eps, or x0 when
+            its ``parameterization`` is ``"x0"`` (then the prediction is the denoised estimate itself).
         quantize: round ``t(sigma)`` to the nearest training timestep instead of interpolating.
     """
 
     def __init__(self, model: EpsModel, quantize: bool = False) -> None:
-        check_eps_parameterization(model)
+        self.predicts_x0 = getattr(model, "parameterization", "eps") == "x0"
+        if not self.predicts_x0:
+            check_eps_parameterization(model)
         self.inner_model = model
         self.quantize = quantize
         alphas_cumprod = model.alphas_cumprod.detach().float()
@@ -125,8 +128,10 @@ class CompVisDenoiser:
         """Denoised estimate ``x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma), cond)``."""
         # x: (B, C, H, W) in sigma space; sigma: (B,)
         c_out, c_in = (append_dims(s, x.ndim) for s in self.get_scalings(sigma))
-        eps = self.get_eps(x * c_in, self.sigma_to_t(sigma), **kwargs)  # (B, C, H, W)
-        return x + eps * c_out
+        out = self.get_eps(x * c_in, self.sigma_to_t(sigma), **kwargs)  # (B, C, H, W)
+        if self.predicts_x0:
+            return out  # x = x0 + sigma * eps in sigma space: the x0 prediction is the denoised estimate
+        return x + out * c_out
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
