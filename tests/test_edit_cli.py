@@ -59,7 +59,7 @@ def test_edit_sh_folder_in_images_out_and_seeds_reproducible(tiny_ckpt, photos, 
     meta = json.loads(Image.open(out_sh / "wide.png").text["instruct2dream"])
     assert meta["seed"] == 5 and meta["edit"] == "make it snowy" and meta["cfg_text"] == 7.5
 
-    # The same command through the Python CLI, in a batch of 2: byte-identical files (same seed).
+    # The same command through the Python CLI (--batch-size 2; these two sizes still run alone): identical bytes.
     out_py = tmp_path / "out_py"
     result = _run([sys.executable, "scripts/edit_cli.py", "--ckpt", str(tiny_ckpt), "--input", str(photos),
                    "--output", str(out_py), "--edit", "make it snowy", "--seed", "5", "--batch-size", "2", *COMMON])
