@@ -224,17 +224,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_cli(run_fn, args: argparse.Namespace) -> int:
+    """Run a CLI's ``run_fn(args)`` with logging set up; user errors print one line and exit with status 2."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     from ldm.checkpoint import CheckpointError
     from ldm.data.transforms import ImageLoadError
 
     try:
-        return run(args)
+        return run_fn(args)
     except (UsageError, ImageLoadError, CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts.edit_cli import DEFAULT_CKPT, DEFAULT_CONFIG, METADATA_KEY, SAMPLER_NAMES, UsageError  # noqa: E402
+from scripts.edit_cli import (  # noqa: E402
+    DEFAULT_CKPT, DEFAULT_CONFIG, METADATA_KEY, SAMPLER_NAMES, UsageError, run_cli,
+)
 
 logger = logging.getLogger("generate_dataset")
 
@@ -539,16 +541,7 @@ def generate_pending(args: argparse.Namespace, folder: OutputFolder, pending: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    from ldm.checkpoint import CheckpointError
-    from ldm.data.transforms import ImageLoadError
-
-    try:
-        return run(args)
-    except (UsageError, ImageLoadError, CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":
