@@ -28,18 +28,18 @@ REPO = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.callbacks import AtomicCheckpointIO, ImageLogger, SetupCallback  # noqa: E402  (config targets main.*)
+from ldm.callbacks import AtomicCheckpointIO, ImageLogger, ResumingCSVLogger, SetupCallback  # noqa: E402  (config targets main.*)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: E402
+from ldm.errors import UsageError, UserError  # noqa: E402
 
 __all__ = ["DataModuleFromConfig", "ImageLogger", "SetupCallback", "main"]
 
 logger = logging.getLogger("main")
 RUN_TIMESTAMP_ENV = "INSTRUCT2DREAM_RUN_TIMESTAMP"
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16", "bf16", "64")
-
-
-class UsageError(ValueError):
-    """A bad flag, path or config value; reported without a traceback."""
+DEFAULT_SEED = 23
+# What a resumed run may change: how long it trains. Everything else comes from the run's saved configs.
+RESUMABLE_CHANGES = ("lightning.trainer.max_steps",)
 
 
 def str2bool(value: str) -> bool:
@@ -67,7 +67,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
     parser.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?",
                         help="skip testing after training (only runs when the config has a test set)")
-    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
+    parser.add_argument("-s", "--seed", type=int, default=None,
+                        help=f"seed for everything (default: the config's top-level 'seed', else {DEFAULT_SEED}; "
+                        "a resumed run keeps its own)")
     parser.add_argument("-f", "--postfix", type=str, default="", help="appended to the log dir name")
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="root folder of the log dirs")
     parser.add_argument("--scale_lr", type=str2bool, const=True, default=False, nargs="?",
@@ -163,30 +165,64 @@ def apply_data_flags(config: Any, opt: argparse.Namespace) -> None:
 
 def trainer_settings(opt: argparse.Namespace, lightning_config: Any) -> dict[str, Any]:
     """Lightning Trainer kwargs: the config's ``lightning.trainer`` plus the device/length flags."""
+    import torch
     from omegaconf import OmegaConf
 
     settings = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
     if opt.gpus is not None:
-        ids = [int(i) for i in str(opt.gpus).replace(" ", "").split(",") if i != ""]
+        try:
+            ids = [int(i) for i in str(opt.gpus).replace(" ", "").split(",") if i != ""]
+        except ValueError:
+            ids = []
         if not ids:
             raise UsageError(f"--gpus {opt.gpus!r}: give GPU ids such as '0,' or '0,1'")
         settings.update(accelerator="gpu", devices=ids)
         if len(ids) > 1 or (opt.num_nodes or 1) > 1:
             settings.setdefault("strategy", "ddp")
-    settings.setdefault("accelerator", "cpu" if opt.gpus is None else "gpu")
+    settings.setdefault("accelerator", "cpu")
     settings.setdefault("devices", 1)
+    if str(settings["accelerator"]) in ("gpu", "cuda") and not torch.cuda.is_available():
+        asked = f"--gpus {opt.gpus}" if opt.gpus is not None else f"lightning.trainer.accelerator={settings['accelerator']}"
+        raise UsageError(f"{asked}: CUDA is not available here (torch {torch.__version__}); "
+                         "leave out --gpus to train on the CPU")
     for key in ("max_steps", "precision", "num_nodes"):
         if getattr(opt, key) is not None:
             settings[key] = getattr(opt, key)
     settings.setdefault("max_steps", -1)
     settings.pop("gpus", None)
     settings.pop("resume_from_checkpoint", None)
+    # The training sampler splits the data across ranks itself (exact resumption, ldm.data.sampler).
+    settings["use_distributed_sampler"] = False
     return settings
 
 
 def device_count(settings: dict[str, Any]) -> int:
     devices = settings.get("devices", 1)
     return len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def check_unchanged(saved: Any, now: Any, where: str) -> None:
+    """A resumed run keeps its configs: name every value the flags, -b configs or overrides would change."""
+    from omegaconf import OmegaConf
+
+    before = flatten(OmegaConf.to_container(saved, resolve=True))
+    after = flatten(OmegaConf.to_container(now, resolve=True))
+    changed = [key for key in sorted(set(before) | set(after))
+               if before.get(key) != after.get(key) and key not in RESUMABLE_CHANGES]
+    if changed:
+        lines = [f"{key}: {before.get(key, '<unset>')!r} in the run, {after.get(key, '<unset>')!r} now" for key in changed]
+        raise UsageError(f"--resume keeps the run's settings ({where}), but these would change:\n  " + "\n  ".join(lines)
+                         + "\nleave those flags out to continue the run, or start a new run with them")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,63 +232,96 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:
         return run(opt, overrides)
-    except UsageError as err:
+    except UserError as err:  # the user's input: the message alone; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tuple[Path, Path | None, Any, Any, int]:
+    """(log dir, checkpoint to resume or None, config, lightning config, seed) for a new or a resumed run.
+
+    A new run takes its seed from ``--seed``, else the config's top-level ``seed``, else 23, and records it in the
+    saved config. A resumed run takes config, seed and devices from its log dir; flags that would change them are
+    an error (`check_unchanged`), except ``--max_steps``.
+    """
+    from omegaconf import OmegaConf
+
+    if not opt.resume:
+        if not opt.base:
+            raise UsageError("give at least one config with -b/--base (e.g. configs/dreambooth/train.yaml)")
+        name = "_" + opt.name if opt.name else "_" + Path(opt.base[0]).stem
+        prefix = Path(os.path.normpath(opt.data_root)).name if opt.datadir_in_name and opt.data_root else ""
+        logdir = Path(opt.logdir) / f"{prefix}{now}{name}{opt.postfix}"
+        config = load_configs(opt.base, overrides)
+        lightning_config = config.pop("lightning", OmegaConf.create())
+        apply_data_flags(config, opt)
+        seed = opt.seed if opt.seed is not None else int(config.get("seed", DEFAULT_SEED))
+        config.seed = seed
+        if opt.actual_resume is not None:
+            if not Path(opt.actual_resume).is_file():
+                raise UsageError(f"--actual_resume {opt.actual_resume}: no such file")
+            config.model.params.ckpt_path = str(opt.actual_resume)
+            config.model.params.init_from_ema = bool(opt.init_ema)
+        settings = trainer_settings(opt, lightning_config)
+        # Record the resolved devices and precision, so that a resumed run can keep them.
+        for key in ("accelerator", "devices", "strategy", "precision", "num_nodes", "max_steps"):
+            if key in settings:
+                OmegaConf.update(lightning_config, f"trainer.{key}", settings[key], force_add=True)
+        return logdir, None, config, lightning_config, seed
+
+    logdir, resume_ckpt = resolve_resume(opt.resume)
+    saved_paths = [sorted(glob.glob(str(logdir / "configs" / f"*-{kind}.yaml")))[-1:] for kind in ("project", "lightning")]
+    if not saved_paths[0]:
+        raise UsageError(f"--resume {opt.resume}: no configs/*-project.yaml in {logdir}")
+    saved = load_configs(saved_paths[0] + saved_paths[1], [])
+    config = load_configs(saved_paths[0] + saved_paths[1] + list(opt.base), overrides)
+    apply_data_flags(config, opt)
+    saved_lightning = saved.pop("lightning", OmegaConf.create())
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    saved_settings, settings = trainer_settings(argparse.Namespace(**{**vars(opt), "gpus": None, "num_nodes": None,
+                                                                      "precision": None, "max_steps": None}),
+                                                saved_lightning), trainer_settings(opt, lightning_config)
+    check_unchanged(saved, config, f"{saved_paths[0][0]} and the flags given now")
+    check_unchanged(OmegaConf.create({"lightning": {"trainer": saved_settings}}),
+                    OmegaConf.create({"lightning": {"trainer": settings}}), "its devices and precision")
+    if "seed" in config:
+        seed = int(config.seed)
+        if opt.seed is not None and opt.seed != seed:
+            raise UsageError(f"--seed {opt.seed}: the run {logdir} was started with seed {seed}, which a resumed run "
+                             "keeps; leave out --seed")
+    else:  # runs from before the seed was recorded
+        seed = opt.seed if opt.seed is not None else DEFAULT_SEED
+        logger.warning("%s records no seed: resuming with --seed %d", saved_paths[0][0], seed)
+        config.seed = seed
+    config.model.params.pop("ckpt_path", None)  # the checkpoint restores every weight
+    return logdir, resume_ckpt, config, lightning_config, seed
 
 
 def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-    from pytorch_lightning.loggers import CSVLogger
 
-    from ldm.checkpoint import CheckpointError
     from ldm.export import export_weights
-    from ldm.util import ConfigError, instantiate_from_config
+    from ldm.util import instantiate_from_config
 
     # DDP re-runs this script for the other ranks: they must reuse the first rank's timestamp (same log dir).
     now = os.environ.get(RUN_TIMESTAMP_ENV) or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     os.environ[RUN_TIMESTAMP_ENV] = now
-    resume_ckpt = None
-    if opt.resume:
-        logdir, resume_ckpt = resolve_resume(opt.resume)
-        saved = [sorted(glob.glob(str(logdir / "configs" / f"*-{kind}.yaml")))[-1:] for kind in ("project", "lightning")]
-        if not saved[0]:
-            raise UsageError(f"--resume {opt.resume}: no configs/*-project.yaml in {logdir}")
-        opt.base = saved[0] + saved[1] + list(opt.base)
-    else:
-        if not opt.base:
-            raise UsageError("give at least one config with -b/--base (e.g. configs/dreambooth/train.yaml)")
-        name = "_" + opt.name if opt.name else "_" + Path(opt.base[0]).stem
-        prefix = Path(os.path.normpath(opt.data_root)).name if opt.datadir_in_name and opt.data_root else ""
-        logdir = Path(opt.logdir) / f"{prefix}{now}{name}{opt.postfix}"
+    logdir, resume_ckpt, config, lightning_config, seed = resolve_run(opt, overrides, now)
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
-
-    config = load_configs(opt.base, overrides)
     has_test = "test" in config.get("data", {}).get("params", {})
     if not opt.train and (opt.no_test or not has_test):
         raise UsageError("nothing to do: pass -t/--train to train (or resume training with -r LOGDIR -t)")
-    lightning_config = config.pop("lightning", OmegaConf.create())
     if "model" not in config:
-        raise UsageError(f"no 'model' section in {', '.join(opt.base)}")
-    apply_data_flags(config, opt)
-    if resume_ckpt:
-        config.model.params.pop("ckpt_path", None)  # last.ckpt restores every weight
-    if opt.actual_resume is not None:
-        if not Path(opt.actual_resume).is_file():
-            raise UsageError(f"--actual_resume {opt.actual_resume}: no such file")
-        if not resume_ckpt:  # resuming restores everything from last.ckpt: no need to read the weights twice
-            config.model.params.ckpt_path = str(opt.actual_resume)
-            config.model.params.init_from_ema = bool(opt.init_ema)
+        raise UsageError(f"no 'model' section in {', '.join(opt.base) or opt.resume}")
     settings = trainer_settings(opt, lightning_config)
-    pl.seed_everything(opt.seed, workers=True)
+    pl.seed_everything(seed, workers=True)
 
-    try:
-        model = instantiate_from_config(config.model)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from err
-    model.train_seed = opt.seed
+    data = instantiate_from_config(config.data, seed=seed)
+    data.prepare_data()  # builds and validates the datasets: every bad file is reported before the model loads
+    model = instantiate_from_config(config.model)
+    model.train_seed = seed
     batch_size = int(config.get("data", {}).get("params", {}).get("batch_size", 1))
     base_lr = float(config.model.get("base_learning_rate", 1.0e-4))
     accumulate = int(settings.get("accumulate_grad_batches", 1))
@@ -274,7 +343,7 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     for name, cb_config in lightning_config.get("callbacks", {}).items():
         params = {"save_dir": str(logdir)} if cb_config.get("target", "").endswith("ImageLogger") else {}
         callbacks.append(instantiate_from_config(cb_config, **params))
-    loggers: list[Any] = [CSVLogger(save_dir=str(logdir), name="", version="")]
+    loggers: list[Any] = [ResumingCSVLogger(save_dir=str(logdir), name="", version="")]
     try:
         from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -285,7 +354,6 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
         pass
     trainer = pl.Trainer(**settings, default_root_dir=str(logdir), logger=loggers, callbacks=callbacks,
                          plugins=[AtomicCheckpointIO()], log_every_n_steps=1)
-    data = instantiate_from_config(config.data)
 
     if opt.train:
         trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)

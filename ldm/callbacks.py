@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -12,6 +13,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -149,3 +153,46 @@ class ImageLogger(Callback):
             labelled_grid(cells, 3, labels).save(tmp, format="PNG")
         self.logged.append(path)
         return path
+
+
+class _ResumingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, but a resumed run keeps the rows of the steps it already trained.
+
+    Lightning deletes ``metrics.csv`` when the log dir exists. Here the file is kept; at the first save the rows
+    from the resumed step on (logged after the checkpoint by the interrupted run, and about to be logged again)
+    are dropped, so every step appears once.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir=log_dir)
+        self._trim_pending = os.path.isfile(self.metrics_file_path)
+        if self._trim_pending:
+            with open(self.metrics_file_path, newline="") as handle:
+                self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:  # keep the previous rows (Lightning would delete them)
+        return
+
+    def save(self) -> None:
+        if self._trim_pending and self.metrics:
+            first = min(int(m["step"]) for m in self.metrics if "step" in m)
+            with open(self.metrics_file_path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if not r.get("step") or int(r["step"]) < first]
+            with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            self._trim_pending = False
+        super().save()
+
+
+class ResumingCSVLogger(CSVLogger):
+    """`pytorch_lightning.loggers.CSVLogger` whose ``metrics.csv`` survives ``main.py -r`` (see the writer)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ResumingExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from ldm.errors import MissingFileError, UserError
 from ldm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ _EXTRA_SAFE_GLOBALS: dict[str, Any] = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file cannot be read or does not fit the model."""
 
 
@@ -127,7 +128,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a whole checkpoint file (``.ckpt``-style pickle or ``.safetensors``) as a dict, safely."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     if path.suffix in SAFETENSORS_SUFFIXES:

@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import ema_key, load_model_weights, load_state_dict_file
+from ldm.errors import MissingFileError, UsageError
 from ldm.models.diffusion.guidance import DualCFGDenoiser, null_conditioning
 from ldm.models.diffusion.sampling import CompVisDenoiser, get_sampler
 from ldm.util import instantiate_from_config
@@ -38,7 +39,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise UsageError(f"device {name!r} requested but CUDA is not available here (torch {torch.__version__})")
     return device
 
 
@@ -47,7 +48,7 @@ def autocast_for(device: torch.device, precision: Precision) -> ContextManager[A
     if precision == "fp32":
         return nullcontext()
     if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        raise UsageError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
@@ -84,15 +85,15 @@ def load_model(
     """
     config_path, ckpt_path = Path(config_path), Path(ckpt_path)
     if not config_path.is_file():
-        raise FileNotFoundError(f"config not found: {config_path}")
+        raise MissingFileError(f"config not found: {config_path}")
     if not ckpt_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"checkpoint not found: {ckpt_path} (download the InstructPix2Pix checkpoint with "
             "`python scripts/download_checkpoint.py`, or pass --ckpt)"
         )
     config = OmegaConf.load(config_path)
     if "model" not in config:
-        raise ValueError(f"{config_path}: no 'model' section")
+        raise UsageError(f"{config_path}: no 'model' section")
     params = config.model.setdefault("params", {})
     params.pop("ckpt_path", None)  # loaded below, once and strictly
     params["use_ema"] = False  # EMA weights, when wanted, are copied into model.* instead of kept twice

@@ -7,10 +7,12 @@ import inspect
 import logging
 from typing import Any, Mapping
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config names a target that does not exist or passes parameters the target does not accept."""
 
 

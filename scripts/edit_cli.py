@@ -26,15 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ldm.errors import UsageError, UserError  # noqa: E402
+
 DEFAULT_CKPT = "models/instruct-pix2pix/instruct-pix2pix-00-22000.ckpt"
 DEFAULT_CONFIG = "configs/instruct-pix2pix/generate.yaml"
 SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim")
 METADATA_KEY = "instruct2dream"
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-class UsageError(ValueError):
-    """A bad command-line value; reported without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -227,12 +225,9 @@ def run(args: argparse.Namespace) -> int:
 def run_cli(run_fn, args: argparse.Namespace) -> int:
     """Run a CLI's ``run_fn(args)`` with logging set up; user errors print one line and exit with status 2."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    from ldm.checkpoint import CheckpointError
-    from ldm.data.transforms import ImageLoadError
-
     try:
         return run_fn(args)
-    except (UsageError, ImageLoadError, CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
+    except UserError as err:  # the user's input: the message alone; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

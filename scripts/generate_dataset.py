@@ -36,9 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts.edit_cli import (  # noqa: E402
-    DEFAULT_CKPT, DEFAULT_CONFIG, METADATA_KEY, SAMPLER_NAMES, UsageError, run_cli,
-)
+from ldm.errors import MissingFileError, UsageError  # noqa: E402
+from scripts.edit_cli import DEFAULT_CKPT, DEFAULT_CONFIG, METADATA_KEY, SAMPLER_NAMES, run_cli  # noqa: E402
 
 logger = logging.getLogger("generate_dataset")
 
@@ -238,9 +237,9 @@ def plan_pairs(args: argparse.Namespace, words: dict[str, str], photos: list[Pho
 def require_files(config: Path, ckpt: Path) -> None:
     """`FileNotFoundError` for a missing config or checkpoint."""
     if not config.is_file():
-        raise FileNotFoundError(f"config not found: {config}")
+        raise MissingFileError(f"config not found: {config}")
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt} (download it with "
+        raise MissingFileError(f"checkpoint not found: {ckpt} (download it with "
                                 "`python scripts/download_checkpoint.py`, or pass --ckpt)")
 
 

@@ -14,6 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.data.sampler import ResumableSampler, SeededItems
+from ldm.errors import UsageError
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,12 @@ class DataModuleFromConfig(pl.LightningDataModule):
     ``num_workers``: ``None`` → min(4, CPUs); values above the CPU count are lowered to it. Workers are seeded
     by `seed_worker` and persistent. ``wrap`` and ``use_worker_init_fn`` are accepted for old configs and have no
     effect (the datasets are map-style torch datasets; workers are always seeded).
+
+    Exact resumption (``seed``, from ``main.py --seed``): the training order is a `ResumableSampler` (epoch ``e``'s
+    permutation drawn from ``(seed, e)``, split across ranks by the sampler itself, so the Trainer must run with
+    ``use_distributed_sampler=False``) and each item's augmentation is drawn from ``(seed, epoch, index)``
+    (`SeededItems`). A checkpoint stores the epoch and the batches already trained in it (`state_dict`); a run
+    resumed from it continues the epoch where it stopped, with any number of workers.
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         shuffle_test_loader: bool = False,
         use_worker_init_fn: bool = False,
         shuffle_val_dataloader: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -119,6 +128,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
             if value:
                 logger.info("DataModuleFromConfig: legacy parameter %s=%r has no effect", name, value)
         self.batch_size = batch_size
+        self.seed = int(seed)
+        self._resume_position: dict[str, int] | None = None
         self.num_workers = _resolve_num_workers(num_workers)
         self.shuffle_test_loader = shuffle_test_loader
         self.shuffle_val_dataloader = shuffle_val_dataloader
@@ -148,15 +159,38 @@ class DataModuleFromConfig(pl.LightningDataModule):
         """Build the datasets in this process if `prepare_data` did not (other ranks)."""
         self._instantiate()
 
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: where in the training order the run is (see the class docstring)."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"seed": self.seed, "world_size": self.trainer.world_size, "batch_size": self.batch_size,
+                "epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Called by Lightning when a run resumes, before the training loader is built."""
+        if not state_dict:
+            logger.warning("the checkpoint has no data position (older version): the resumed epoch restarts")
+            return
+        for key, now in (("seed", self.seed), ("world_size", self._world_size()), ("batch_size", self.batch_size)):
+            if state_dict[key] != now:
+                raise UsageError(f"the checkpoint was trained with {key}={state_dict[key]}, this run has {now}: "
+                                 "the data order could not continue exactly")
+        self._resume_position = dict(state_dict)
+
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler: ResumableSampler | None = None) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=workers,
             worker_init_fn=partial(seed_worker, rank=self._rank()) if workers > 0 else None,
             persistent_workers=workers > 0,
@@ -167,7 +201,14 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self._instantiate()
         train = self.datasets["train"]
         dataset = TrainWithRegularization(train, self.datasets["reg"]) if "reg" in self.datasets else train
-        return self._loader(dataset, shuffle=True)
+        sampler = ResumableSampler(len(dataset), self.seed, shuffle=True, rank=self._rank(), world_size=self._world_size())
+        if self._resume_position is not None:
+            position, self._resume_position = self._resume_position, None
+            items_done = min(position["batches_done"] * self.batch_size, len(sampler))
+            if items_done < len(sampler):  # a finished epoch needs no skip: the next one starts afresh
+                sampler.resume(position["epoch"], items_done)
+                logger.info("resuming epoch %d after %d of its %d items", position["epoch"], items_done, len(sampler))
+        return self._loader(SeededItems(dataset, self.seed), shuffle=True, sampler=sampler)
 
     def _val_dataloader(self) -> DataLoader:
         self._instantiate()

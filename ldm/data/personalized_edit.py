@@ -19,6 +19,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ldm.data.transforms import ImageLoadError, PairWindow, is_image_file, load_pair, probe_image, resampling
+from ldm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _LEGACY_DEFAULTS: dict[str, Any] = {"per_image_tokens": False, "mixing_prob": 0.
 _reported_legacy: set[str] = set()
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Everything wrong with a dataset folder, found at construction; each problem names its file."""
 
     def __init__(self, data_root: str | os.PathLike[str], problems: list[str]) -> None:
