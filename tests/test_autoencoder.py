@@ -266,7 +266,6 @@ def test_missing_ckpt_path_is_named(tmp_path: Path) -> None:
 
 
 def test_ckpt_path_loads_strictly_after_ignore_keys(tmp_path: Path) -> None:
-    pytest.importorskip("ldm.checkpoint")
     from safetensors.torch import save_file
 
     source = tiny_vae(TINY_F4)

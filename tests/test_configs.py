@@ -9,11 +9,16 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
-from tests.reference import REFERENCE_CONFIGS, reference_config
+from tests.reference import ORIGINAL_CONFIGS, REFERENCE_CONFIGS, SHA256, reference_config, sha256
 from tests.tiny import REPO
 
-ORIGINAL = sorted(p.name for p in REFERENCE_CONFIGS.glob("*.yaml"))
+# Listed, not globbed: a missing original config fails its tests (an empty parametrization would skip them).
+ORIGINAL = list(ORIGINAL_CONFIGS)
 OURS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+# The configs this repository ships; a lost one fails here rather than dropping out of the parametrization.
+EXPECTED_OURS = ["configs/dreambooth/train.yaml", "configs/instruct-pix2pix/generate.yaml",
+                 "configs/shapesworld/base.yaml", "configs/shapesworld/personalize.yaml",
+                 "configs/tiny/dreambooth-tiny.yaml", "configs/tiny/ip2p-tiny.yaml"]
 # InstructPix2Pix's own training dataset class (its generated corpus); not part of this project.
 FOREIGN_TARGETS = {"edit_dataset.EditDataset"}
 
@@ -27,9 +32,16 @@ def _targets(node) -> list[str]:
     return []
 
 
-def test_all_six_original_configs_are_present():
-    assert ORIGINAL == ["ip2p-generate.yaml", "ip2p-train.yaml", "sd-v1-inference.yaml", "seed-generate.yaml",
-                        "seed-v1-finetune_unfrozen.yaml", "seed-v1-inference.yaml"]
+def test_all_six_original_configs_are_present_and_unmodified():
+    assert len(ORIGINAL) == 6
+    assert sorted(p.name for p in REFERENCE_CONFIGS.glob("*.yaml")) == ORIGINAL
+    for name in ORIGINAL:
+        assert sha256(f"configs/{name}") == SHA256[f"configs/{name}"], name
+
+
+def test_our_config_list_is_complete():
+    assert len(OURS) >= len(EXPECTED_OURS)
+    assert set(EXPECTED_OURS) <= set(OURS)
 
 
 @pytest.mark.parametrize("name", ORIGINAL)

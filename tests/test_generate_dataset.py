@@ -287,7 +287,8 @@ def test_bad_arguments_exit_2():
 
 
 def test_generated_sets_load_as_training_data(train_set, reg_set):
-    personalized_edit = pytest.importorskip("ldm.data.personalized_edit")
+    from ldm.data import personalized_edit
+
     train = personalized_edit.PersonalizedBase(str(train_set), size=64, repeats=1, placeholder_token="dog")
     reg = personalized_edit.PersonalizedBase(str(reg_set), size=64, repeats=1, placeholder_token="dog", reg=True)
     assert (len(train), len(reg)) == (6, 5)

@@ -31,7 +31,7 @@ def ip2p_model():
 
 @pytest.fixture(scope="module")
 def sd_model():
-    # The SD v1 manifest was made with use_ema switched on (reference/README.md).
+    # The SD v1 manifest was made with use_ema switched on (tests/data/README.md).
     return _build_on_meta("sd-v1-inference.yaml", use_ema=True)
 
 

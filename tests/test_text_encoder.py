@@ -1,10 +1,12 @@
-"""CLIP text encoder: offline tokenizer, checkpoint key layout, parity with diffusers' converted CLIPTextModel."""
+"""CLIP text encoder: offline tokenizer, checkpoint key layout, parity with diffusers' CLIPTextModel and open_clip."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,7 +15,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.modules.encoders import tokenizer as tokenizer_module
-from ldm.modules.encoders.modules import FrozenCLIPEmbedder, clip_text_config
+from ldm.modules.encoders.modules import CLIP_VIT_L14_TEXT_CONFIG, FrozenCLIPEmbedder, clip_text_config
 from ldm.modules.encoders.tokenizer import (
     build_clip_tokenizer,
     check_tokenizer,
@@ -22,12 +24,8 @@ from ldm.modules.encoders.tokenizer import (
     read_clip_bpe,
     save_clip_tokenizer,
 )
+from tests.reference import manifest_entries
 
-# The key manifest of the released InstructPix2Pix checkpoint: in the checkout's shared/ or the workspace's.
-MANIFEST_CANDIDATES = [
-    Path(__file__).resolve().parents[1] / "shared" / "reference" / "ip2p_checkpoint_keys.json",
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "ip2p_checkpoint_keys.json",
-]
 POSITION_IDS = "transformer.text_model.embeddings.position_ids"
 SKS_DOG_IDS = [49406, 320, 1125, 539, 320, 48136, 1929, 49407]
 TINY_TEXT_CONFIG = {
@@ -39,16 +37,10 @@ TINY_TEXT_CONFIG = {
 }
 PROMPTS = ["a photo of a sks dog", "replace the wolf with a sks dog in the snow, golden hour, 35mm photograph", ""]
 
-requires_bpe = pytest.mark.skipif(
-    importlib.util.find_spec("open_clip") is None,
-    reason="CLIP BPE file absent: pip install --no-deps open-clip-torch==3.3.0",
-)
-
 
 @pytest.fixture(scope="module")
 def clip_tokenizer() -> CLIPTokenizer:
-    if importlib.util.find_spec("open_clip") is None:
-        pytest.skip("CLIP BPE file absent: pip install --no-deps open-clip-torch==3.3.0")
+    """The offline tokenizer; without open-clip-torch (the BPE file's home) this fails, naming the fix."""
     return build_clip_tokenizer()
 
 
@@ -75,7 +67,6 @@ def test_truncation_keeps_eos_last(clip_tokenizer: CLIPTokenizer) -> None:
     assert (tokens[0, 1:-1] == 1929).all()
 
 
-@requires_bpe
 def test_vocab_and_ids_match_reference_simple_tokenizer(clip_tokenizer: CLIPTokenizer) -> None:
     """open_clip's SimpleTokenizer (OpenAI's algorithm, with ftfy/html cleaning) is the reference."""
     reference = _reference_simple_tokenizer()
@@ -144,15 +135,13 @@ def test_tokenizer_folder_round_trip_and_cli(clip_tokenizer: CLIPTokenizer, tmp_
 
 
 def test_full_size_keys_match_manifest(clip_tokenizer: CLIPTokenizer) -> None:
-    found = [path for path in MANIFEST_CANDIDATES if path.is_file()]
-    assert found, f"key manifest not found in {MANIFEST_CANDIDATES}"
-    manifest = json.loads(found[0].read_text())
     prefix = "cond_stage_model."
     expected = [
         (entry["key"][len(prefix) :], entry["shape"])
-        for entry in manifest["entries"]
-        if entry["group"] == "text" and not entry["key"].endswith("position_ids")
+        for entry in manifest_entries("ip2p", "text")
+        if not entry["key"].endswith("position_ids")
     ]
+    assert len(expected) == 196
     with torch.device("meta"):
         embedder = FrozenCLIPEmbedder()  # default tokenizer: offline, hence built from the BPE file
     actual = [(key, list(value.shape)) for key, value in embedder.state_dict().items()]
@@ -210,6 +199,170 @@ def test_parity_with_diffusers_converted_clip(clip_tokenizer: CLIPTokenizer, tmp
     assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
     assert not torch.allclose(ours[0], ours[1])  # different prompts, different embeddings
     torch.testing.assert_close(model.encode(PROMPTS), ours, rtol=0, atol=0)
+
+
+# (c') parity with open_clip: an implementation that shares no code with transformers ----------------------------
+
+OPEN_CLIP_ALIAS = "_open_clip_reference"
+OPEN_CLIP_TINY = {"width": 32, "heads": 4, "layers": 3}  # mlp_ratio 4 (open_clip's default): intermediate 128
+OURS_TINY = {"hidden_size": 32, "intermediate_size": 128, "projection_dim": 32, "num_hidden_layers": 3,
+             "num_attention_heads": 4}
+
+
+def _open_clip_module(name: str) -> ModuleType:
+    """``open_clip.<name>`` imported from the installed package without running the package ``__init__``.
+
+    The ``__init__`` imports torchvision and timm (image towers; not installed here, see setup.py). A private package
+    name points at open_clip's folder, so its text-tower code runs unmodified. Its ``.utils`` imports torchvision at the
+    top and is replaced by stubs that raise: the text tower does not call them, and a test fails if it ever does.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    assert spec is not None and spec.origin, "open_clip absent: pip install --no-deps open-clip-torch==3.3.0"
+    if OPEN_CLIP_ALIAS not in sys.modules:
+        package = ModuleType(OPEN_CLIP_ALIAS)
+        package.__path__ = [str(Path(spec.origin).parent)]
+        utils = ModuleType(f"{OPEN_CLIP_ALIAS}.utils")
+        for helper in ("to_2tuple", "feature_take_indices", "freeze_batch_norm_2d"):
+            setattr(utils, helper, _image_tower_helper(helper))
+        sys.modules[OPEN_CLIP_ALIAS] = package
+        sys.modules[utils.__name__] = utils
+    return importlib.import_module(f"{OPEN_CLIP_ALIAS}.{name}")
+
+
+def _image_tower_helper(name: str):
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError(f"open_clip.utils.{name} is stubbed in this test (it needs torchvision)")
+
+    return unavailable
+
+
+def _open_clip_json(name: str) -> dict:
+    folder = Path(importlib.util.find_spec("open_clip").origin).parent / "model_configs"
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def _open_clip_text_tower(text_cfg: dict, embed_dim: int, quick_gelu: bool) -> torch.nn.Module:
+    """open_clip's own builder (``model._build_text_tower``), returning the per-token states too."""
+    model = _open_clip_module("model")
+    return model._build_text_tower(embed_dim, {**text_cfg, "output_tokens": True}, quick_gelu=quick_gelu)
+
+
+def _open_clip_to_ours(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """Rename open_clip's text tower state to our layout; q, k, v come out of the fused ``in_proj``.
+
+    Every open_clip tensor is used except ``text_projection`` (the pooled-feature projection, which SD never uses).
+    """
+    prefix = "transformer.text_model."
+    ours = {
+        prefix + "embeddings.token_embedding.weight": state["token_embedding.weight"],
+        prefix + "embeddings.position_embedding.weight": state["positional_embedding"],
+        prefix + "final_layer_norm.weight": state["ln_final.weight"],
+        prefix + "final_layer_norm.bias": state["ln_final.bias"],
+    }
+    renames = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+               "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    used = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias"}
+    for i in range(layers):
+        source, target = f"transformer.resblocks.{i}.", f"{prefix}encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            fused = state[f"{source}attn.in_proj_{kind}"]  # (3D, D) / (3D,): q, k, v stacked in that order
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3, dim=0)):
+                ours[f"{target}self_attn.{name}.{kind}"] = part
+            used.add(f"{source}attn.in_proj_{kind}")
+            for old, new in renames.items():
+                ours[f"{target}{new}.{kind}"] = state[f"{source}{old}.{kind}"]
+                used.add(f"{source}{old}.{kind}")
+    assert set(state) - used == {"text_projection"}, sorted(set(state) - used)
+    return ours
+
+
+def _randomize_seeded(module: torch.nn.Module, seed: int) -> None:
+    """Seeded non-trivial weights everywhere, layer norms included, so that a misplaced tensor shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+@pytest.fixture(scope="module")
+def open_clip_pair(clip_tokenizer: CLIPTokenizer) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny open_clip text tower with random weights, and those weights in our layout."""
+    torch.manual_seed(0)
+    tower = _open_clip_text_tower(OPEN_CLIP_TINY, embed_dim=32, quick_gelu=True).eval()
+    _randomize_seeded(tower, seed=1)
+    return tower, _open_clip_to_ours(tower.state_dict(), OPEN_CLIP_TINY["layers"])
+
+
+@pytest.mark.parametrize("layer", ["last", "penultimate"])
+def test_parity_with_open_clip_text_tower(clip_tokenizer: CLIPTokenizer, open_clip_pair, layer: str) -> None:
+    tower, state = open_clip_pair
+    model = FrozenCLIPEmbedder(tokenizer=clip_tokenizer, text_config=OURS_TINY, layer=layer)
+    model.load_state_dict(state, strict=True)  # every tensor of ours comes from open_clip
+    tokens = model.tokenize(PROMPTS)  # (3, 77): the real CLIP ids, BOS ... EOS, EOS padding
+    captured = []
+    hook = tower.transformer.resblocks[-2].register_forward_hook(lambda module, args, out: captured.append(out))
+    with torch.no_grad():
+        ours = model(PROMPTS)
+        _, last = tower(tokens)  # open_clip: final LayerNorm over every token (output_tokens=True)
+    hook.remove()
+    reference = last if layer == "last" else captured[0]  # penultimate: the last-but-one block, no final norm
+    assert ours.shape == reference.shape == (3, 77, 32)
+    assert reference.abs().max() > 0.5
+    assert (ours - reference).abs().max() <= 1e-5
+    assert not torch.allclose(ours[0], ours[1])
+
+
+def test_open_clip_parity_tells_the_activation_apart(clip_tokenizer: CLIPTokenizer, open_clip_pair) -> None:
+    """The comparison above can fail: open_clip with plain GELU (same weights) differs from our QuickGELU model."""
+    tower, state = open_clip_pair
+    gelu_tower = _open_clip_text_tower(OPEN_CLIP_TINY, embed_dim=32, quick_gelu=False).eval()
+    gelu_tower.load_state_dict(tower.state_dict())
+    model = FrozenCLIPEmbedder(tokenizer=clip_tokenizer, text_config=OURS_TINY)
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        difference = (model(PROMPTS) - gelu_tower(model.tokenize(PROMPTS))[1]).abs().max()
+    assert difference > 1e-3
+
+
+def test_vit_l14_text_config_matches_open_clip() -> None:
+    """Our ViT-L/14 constants against open_clip's shipped ViT-L-14 config, its defaults and its OpenAI weights tag."""
+    assert _open_clip_module("version").__version__ == "3.3.0"
+    shipped = _open_clip_json("ViT-L-14")
+    text = shipped["text_cfg"]
+    defaults = _open_clip_module("model").CLIPTextCfg(**text)
+    openai_tag = _open_clip_module("pretrained").get_pretrained_cfg("ViT-L-14", "openai")
+    ours = CLIP_VIT_L14_TEXT_CONFIG
+    assert ours["hidden_size"] == text["width"] == 768
+    assert ours["num_attention_heads"] == text["heads"] == 12
+    assert ours["num_hidden_layers"] == text["layers"] == 12
+    assert ours["max_position_embeddings"] == text["context_length"] == 77
+    assert ours["vocab_size"] == text["vocab_size"] == 49408
+    assert ours["intermediate_size"] == int(text["width"] * defaults.mlp_ratio) == 3072
+    assert ours["projection_dim"] == shipped["embed_dim"] == 768
+    # The OpenAI weights (SD v1's text encoder) use QuickGELU: open_clip's weights tag and its -quickgelu config.
+    assert openai_tag["quick_gelu"] is True and ours["hidden_act"] == "quick_gelu"
+    assert _open_clip_json("ViT-L-14-quickgelu") == {**shipped, "quick_gelu": True}
+    # Defaults that would change the architecture: causal mask, no class token, no layer scale, standard blocks.
+    assert not defaults.no_causal_mask and not defaults.embed_cls and defaults.ls_init_value is None
+    assert defaults.block_type is None and not defaults.qk_norm and defaults.norm_kwargs is None
+    with torch.device("meta"):
+        tower = _open_clip_text_tower(text, shipped["embed_dim"], quick_gelu=openai_tag["quick_gelu"])
+    assert tower.ln_final.eps == ours["layer_norm_eps"] == 1e-5
+    built = clip_text_config()
+    assert all(getattr(built, key) == value for key, value in ours.items())
+
+
+def test_full_size_shapes_match_open_clip_vit_l14(clip_tokenizer: CLIPTokenizer) -> None:
+    """open_clip's ViT-L-14 text tower, renamed, has exactly our full-size encoder's tensors and shapes."""
+    shipped = _open_clip_json("ViT-L-14")
+    with torch.device("meta"):
+        tower = _open_clip_text_tower(shipped["text_cfg"], shipped["embed_dim"], quick_gelu=True)
+        ours = FrozenCLIPEmbedder(tokenizer=clip_tokenizer)
+    renamed = _open_clip_to_ours(tower.state_dict(), shipped["text_cfg"]["layers"])
+    assert {key: list(value.shape) for key, value in renamed.items()} == {
+        key: list(value.shape) for key, value in ours.state_dict().items()
+    }
+    assert len(renamed) == 196
 
 
 # (d) frozen / trainable ------------------------------------------------------------------------------------------

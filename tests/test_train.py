@@ -276,6 +276,108 @@ def test_joint_dropout_rates():
         JointDropout(0.5, 0.4, 0.2)
 
 
+class _FixedMasks:
+    """A dropout policy returning given masks; `calls` records the batch sizes it was asked for."""
+
+    def __init__(self, drop_text: list[bool], drop_image: list[bool]) -> None:
+        self.drop_text, self.drop_image = torch.tensor(drop_text), torch.tensor(drop_image)
+        self.calls: list[int] = []
+
+    def masks(self, batch_size, generator=None):
+        self.calls.append(batch_size)
+        return self.drop_text.clone(), self.drop_image.clone()
+
+
+class _RecordedMasks:
+    """The real JointDropout draw, with every returned pair of masks recorded."""
+
+    def __init__(self, policy: JointDropout) -> None:
+        self.policy = policy
+        self.drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def masks(self, batch_size, generator=None):
+        drop_text, drop_image = self.policy.masks(batch_size, generator)
+        self.drawn.append((drop_text.clone(), drop_image.clone()))
+        return drop_text, drop_image
+
+
+def _unet_inputs(model, batch, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run shared_step; return what reached the UNet: its input x (B, 4 + 4, h, w) and its context (B, L, D)."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0].detach().clone(), kwargs["context"].detach().clone()))
+
+    handle = model.model.diffusion_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model.shared_step(batch, generator)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def _dropout_batch(captions: list[str]) -> dict:
+    batch = _batch(7, batch_size=len(captions), size=32)
+    batch["caption"] = captions
+    return batch
+
+
+def _assert_wiring(model, batch, drop_text, drop_image, x, context) -> None:
+    """Per sample: dropped text is encoder(""), dropped image a zero latent; kept ones are the sample's own."""
+    with torch.no_grad():
+        own_text = model.get_learned_conditioning(batch["caption"])  # (B, L, D)
+        null_text = model.get_learned_conditioning([""])[0]  # (L, D)
+        own_image = model.encode_first_stage(batch["c_concat"]).mode()  # (B, 4, h, w), unscaled
+    assert x.shape[1] == 8 and context.shape == own_text.shape
+    for i in range(len(batch["caption"])):
+        expected_text = null_text if drop_text[i] else own_text[i]
+        assert torch.equal(context[i], expected_text), (i, bool(drop_text[i]))
+        image = x[i, 4:]
+        if drop_image[i]:
+            assert torch.equal(image, torch.zeros_like(image)), i
+        else:
+            assert torch.equal(image, own_image[i]), i
+        assert x[i, :4].abs().max() > 0  # the noisy target is there, untouched by the masks
+
+
+def test_dropout_masks_reach_the_unet_per_sample():
+    """Known masks covering the four cases: what the UNet receives follows them sample by sample."""
+    model = _dreambooth_model(cond_stage_trainable=False)
+    captions = ["replace the wolf with a sks dog", "make it snow", "turn the wolf into a cat", "add a red hat"]
+    batch = _dropout_batch(captions)
+    drop_text, drop_image = [False, True, False, True], [False, False, True, True]  # none, text, image, both
+    model.conditioning_dropout = _FixedMasks(drop_text, drop_image)
+    with torch.no_grad():
+        # The check can only tell the cases apart if texts, the null text and the images all differ.
+        own_text = model.get_learned_conditioning(captions)
+        null_text = model.get_learned_conditioning([""])[0]
+        own_image = model.encode_first_stage(batch["c_concat"]).mode()
+    for i in range(4):
+        assert not torch.equal(own_text[i], null_text) and own_image[i].abs().max() > 0
+        for j in range(i):
+            assert not torch.equal(own_text[i], own_text[j]) and not torch.equal(own_image[i], own_image[j])
+    x, context = _unet_inputs(model, batch, torch.Generator().manual_seed(0))
+    assert model.conditioning_dropout.calls == [4]
+    _assert_wiring(model, batch, drop_text, drop_image, x, context)
+
+
+def test_drawn_dropout_masks_reach_the_unet():
+    """The real JointDropout draw inside shared_step (high rates, several steps) is what the UNet sees."""
+    model = _dreambooth_model(cond_stage_trainable=False)
+    captions = [f"replace the wolf with a sks dog number {i}" for i in range(6)]
+    batch = _dropout_batch(captions)
+    model.conditioning_dropout = _RecordedMasks(JointDropout(text=0.25, both=0.25, image=0.25))
+    cases = set()
+    for seed in range(4):
+        x, context = _unet_inputs(model, batch, torch.Generator().manual_seed(seed))
+        drop_text, drop_image = model.conditioning_dropout.drawn[-1]
+        _assert_wiring(model, batch, drop_text, drop_image, x, context)
+        cases |= {(bool(t), bool(m)) for t, m in zip(drop_text, drop_image)}
+    assert len(model.conditioning_dropout.drawn) == 4
+    assert cases == {(False, False), (True, False), (True, True), (False, True)}
+
+
 def test_optimizer_scheduler_and_ema_update():
     """AdamW on the trainable parts, a per-step LambdaLR from scheduler_config, and the EMA tracking the UNet."""
     scheduler = {"target": "ldm.lr_scheduler.LambdaLinearScheduler",
