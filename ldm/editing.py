@@ -1,8 +1,10 @@
 """InstructPix2Pix editing: load a model for inference and edit batches of images with dual guidance.
 
 The sampling loop follows InstructPix2Pix's ``edit_cli.py`` (Brooks et al. 2023): the input image's latent is the
-posterior mode (unscaled), the null text is ``encoder("")``, the null image a zero latent, and the sampler walks
-the model's own discrete sigmas (k-diffusion ``CompVisDenoiser``).
+posterior mode (unscaled), the null text is ``encoder("")``, the null image a zero latent. ``euler`` and
+``euler_ancestral`` walk the model's own discrete sigmas (k-diffusion ``CompVisDenoiser``); ``ddim`` is the CompVis
+`DDIMSampler` (eta 0) on its uniform timesteps ``[0, c, ..., (S-1) c] + 1`` with ``c = T // S``, which is
+diffusers' ``DDIMScheduler`` with ``timestep_spacing="leading"`` and ``steps_offset=1`` (SD v1's scheduler config).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import ema_key, load_model_weights, load_state_dict_file
 from ldm.errors import MissingFileError, UsageError
-from ldm.models.diffusion.guidance import DualCFGDenoiser, null_conditioning
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.guidance import Conditioning, DualCFGDenoiser, null_conditioning
 from ldm.models.diffusion.sampling import CompVisDenoiser, get_sampler
 from ldm.util import instantiate_from_config
 
@@ -150,8 +153,9 @@ def edit_latents(
 ) -> torch.Tensor:
     """Edit ``images`` (B, 3, H, W) in [-1, 1] following ``prompts``; returns the final scaled latents (B, 4, H/8, W/8).
 
-    Each sample has its own text/image guidance scale and seed. ``initial_noise`` (B, 4, H/8, W/8), if given,
-    replaces the seeded initial draw (for parity tests).
+    Each sample has its own text/image guidance scale and seed. ``sampler``: ``euler_ancestral`` (InstructPix2Pix's
+    own), ``euler`` or ``ddim`` (the CompVis DDIM schedule, see the module docstring). ``initial_noise``
+    (B, 4, H/8, W/8), if given, replaces the seeded initial draw (for parity tests).
     """
     batch = images.shape[0]
     if not (len(prompts) == len(text_scales) == len(image_scales) == len(seeds) == batch):
@@ -165,24 +169,50 @@ def edit_latents(
         image_latent = model.encode_first_stage(images).mode()  # (B, 4, h, w), unscaled as in IP2P
     cond = {"c_crossattn": [cond_text.float()], "c_concat": [image_latent.float()]}
     uncond = null_conditioning(cond, null_text.float())
-    denoiser = CompVisDenoiser(model)
-    sigmas = denoiser.get_sigmas(steps).to(device)
     latent_shape = image_latent.shape[1:]
     noise = _noise(latent_shape, seeds, device) if initial_noise is None else initial_noise.to(device)
+    as_column = lambda values: torch.tensor(values, device=device, dtype=noise.dtype).view(-1, 1, 1, 1)  # noqa: E731
+    text_scale, image_scale = as_column(text_scales), as_column(image_scales)  # (B, 1, 1, 1)
+    if sampler == "ddim":
+        with autocast_for(device, precision):
+            z = _sample_ddim(model, noise, cond, uncond, text_scale, image_scale, steps, progress)
+        return z.float()
+    denoiser = CompVisDenoiser(model)
+    sigmas = denoiser.get_sigmas(steps).to(device)
     z = noise * sigmas[0]
-    as_column = lambda values: torch.tensor(values, device=device, dtype=z.dtype).view(-1, 1, 1, 1)  # noqa: E731
-    extra_args = {
-        "cond": cond,
-        "uncond": uncond,
-        "text_cfg_scale": as_column(text_scales),
-        "image_cfg_scale": as_column(image_scales),
-    }
+    extra_args = {"cond": cond, "uncond": uncond, "text_cfg_scale": text_scale, "image_cfg_scale": image_scale}
     kwargs: dict[str, Any] = {"extra_args": extra_args, "disable": not progress}
     if sampler != "euler":
         kwargs["noise_sampler"] = _PerSampleNoise(latent_shape, seeds, device)
     with autocast_for(device, precision):
         z = get_sampler(sampler)(DualCFGDenoiser(denoiser), z, sigmas, **kwargs)
     return z.float()
+
+
+def _sample_ddim(
+    model: Any,
+    noise: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
+    text_scale: torch.Tensor,
+    image_scale: torch.Tensor,
+    steps: int,
+    progress: bool,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from ``noise`` (B, 4, h, w) with InstructPix2Pix's dual guidance on the eps."""
+    samples, _ = DDIMSampler(model).sample(
+        S=steps,
+        batch_size=noise.shape[0],
+        shape=tuple(noise.shape[1:]),
+        conditioning=cond,
+        x_T=noise,
+        eta=0.0,
+        verbose=progress,
+        unconditional_guidance_scale=text_scale,
+        unconditional_conditioning=uncond,
+        image_guidance_scale=image_scale,
+    )
+    return samples
 
 
 @torch.no_grad()

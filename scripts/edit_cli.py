@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ldm.data.transforms import fit_for_edit, image_to_tensor, load_image, tensor_to_image
+    from ldm.data.transforms import image_to_tensor, load_for_edit, tensor_to_image
     from ldm.editing import decode_to_images, edit_latents, load_model, resolve_device
     from ldm.visualization import labelled_grid
 
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     jobs, grids = plan_jobs(inputs, args.output, args.cfg_text, args.cfg_image)
     check_outputs(jobs, grids, inputs, args.overwrite)
     # Read every image before the (slow) model load, so a bad file fails fast and by name.
-    images = {p: fit_for_edit(load_image(p, max_side=args.resolution), args.resolution) for p in inputs}
+    images = {p: load_for_edit(p, args.resolution) for p in inputs}
 
     device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")

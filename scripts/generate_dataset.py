@@ -9,12 +9,12 @@
         --class_word dog --source_word wolf --num_pairs 100 --output data/my_dog/regularization
 
 Pair ``i`` uses photo ``i mod n`` (reg mode alternates source and class photos) and a seed derived from --seed and
-``i``. The real photo and its edit share one crop and size (`fit_for_edit`), so every pair is aligned. The output
-folder holds ``NNN_0.png`` (input), ``NNN_1.png`` (target), ``pairs.jsonl`` (one JSON line per pair: files,
-instructions, seed, guidance, checkpoint sha256, source photo, …) and ``generate_dataset.json`` (the settings,
-checked on every rerun). A rerun resumes where a run stopped; a larger --num_pairs / --samples_per_image adds
-pairs; other changed settings are refused. Unreadable photos stop the run, or with --skip-unreadable are skipped
-and listed.
+``i``. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's size rule on the
+photo's full-resolution size), so every pair is aligned. The output folder holds ``NNN_0.png`` (input),
+``NNN_1.png`` (target), ``pairs.jsonl`` (one JSON line per pair: files, instructions, seed, guidance, checkpoint
+sha256, source photo, …) and ``generate_dataset.json`` (the settings, checked on every rerun). A rerun resumes
+where a run stopped; a larger --num_pairs / --samples_per_image adds pairs; other changed settings are refused.
+Unreadable photos stop the run, or with --skip-unreadable are skipped and listed.
 """
 
 from __future__ import annotations
@@ -194,12 +194,12 @@ def load_photos(photos: list[Photo], resolution: int, skip_unreadable: bool) -> 
 
     Unreadable photos raise one `UsageError` naming all of them, or with ``skip_unreadable`` are dropped and listed.
     """
-    from ldm.data.transforms import ImageLoadError, fit_for_edit, load_image
+    from ldm.data.transforms import ImageLoadError, load_for_edit
 
     readable, images, bad = [], {}, []
     for photo in photos:
         try:
-            images[photo.path] = fit_for_edit(load_image(photo.path, max_side=resolution), resolution)
+            images[photo.path] = load_for_edit(photo.path, resolution)
             readable.append(Photo(photo.kind, photo.path, hashlib.sha256(photo.path.read_bytes()).hexdigest()))
         except ImageLoadError as err:
             bad.append(str(err))

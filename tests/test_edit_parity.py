@@ -63,3 +63,55 @@ def test_batched_edits_equal_single_edits():
     assert torch.equal(first, again)
     other_seed = edit_latents(model, images[:1], ["make it red"], [7.5], [1.5], [11], **args)
     assert not torch.allclose(first, other_seed)
+
+
+# SD v1's scheduler config (scheduler/scheduler_config.json of the SD v1.x and InstructPix2Pix diffusers repos), from
+# which diffusers builds its DDIMScheduler: "leading" spacing (its default) with steps_offset=1, no x0 clipping.
+SD_V1_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+}
+
+
+@pytest.mark.parametrize("steps,text_scale,image_scale", [(10, 7.5, 1.5), (7, 3.0, 2.2)])
+def test_ddim_edit_matches_diffusers_ddim_pipeline(tmp_path, steps, text_scale, image_scale):
+    from diffusers import DDIMScheduler
+
+    config = tiny_config(use_ema=False)
+    model = build_tiny_model(seed=5, use_ema=False)
+    pipe = diffusers_ip2p_pipeline(model, config, tmp_path)
+    pipe.scheduler = DDIMScheduler.from_config(SD_V1_SCHEDULER_CONFIG)
+    assert pipe.scheduler.config.timestep_spacing == "leading" and pipe.scheduler.config.steps_offset == 1
+    image = _photo(3)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        reference = pipe(
+            prompt=PROMPT, image=image, num_inference_steps=steps, guidance_scale=text_scale,
+            image_guidance_scale=image_scale, latents=noise.clone(), output_type="latent",
+        ).images
+
+    seen = []
+    apply_model = model.apply_model
+    model.apply_model = lambda x, t, cond: seen.append(t.clone()) or apply_model(x, t, cond)
+    ours = edit_latents(
+        model, image_to_tensor(image)[None], [PROMPT], [text_scale], [image_scale], [0],
+        steps=steps, sampler="ddim", initial_noise=noise,
+    )
+    # One batched (3-branch) call per step, at diffusers' integer timesteps.
+    assert [t.tolist() for t in seen] == [[t] * 3 for t in pipe.scheduler.timesteps.tolist()]
+    assert seen[0].dtype == torch.long and len(seen) == steps
+    rel = (ours - reference).abs().max() / reference.abs().max()
+    assert rel <= 1e-4, f"relative error {rel:.2e}"
+
+
+def test_ddim_is_not_euler():
+    """``--sampler ddim`` is the DDIM schedule, not Euler on the Euler sigmas; both are deterministic."""
+    model = build_tiny_model(seed=6, use_ema=False)
+    image = image_to_tensor(_photo(4))[None]
+    run = lambda sampler, seed: edit_latents(  # noqa: E731
+        model, image, [PROMPT], [7.5], [1.5], [seed], steps=STEPS, sampler=sampler
+    )
+    ddim, euler = run("ddim", 0), run("euler", 0)
+    assert (ddim - euler).abs().max() > 1e-2 * euler.abs().max()
+    assert torch.equal(ddim, run("ddim", 0))
+    assert not torch.allclose(ddim, run("ddim", 1))  # the seed draws the initial noise

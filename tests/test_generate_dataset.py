@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data.transforms import fit_for_edit, load_image
+from ldm.data.transforms import load_for_edit
 from scripts.generate_dataset import KILL_ENV, MANIFEST, SETTINGS, main
 from tests.tiny import REPO, TINY_CONFIG, save_tiny_checkpoint
 
@@ -91,7 +91,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def _fitted(photo: Path) -> np.ndarray:
-    return np.asarray(fit_for_edit(load_image(photo, max_side=RESOLUTION), RESOLUTION))
+    return np.asarray(load_for_edit(photo, RESOLUTION))
 
 
 def _train_args(photos, ckpt: Path, output: Path, *extra: str) -> list[str]:

@@ -7,6 +7,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ldm.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 class ImageLoadError(UserError, ValueError):
@@ -49,29 +52,49 @@ def _existing_file(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied; ``max_side`` lets JPEG decode at reduced scale.
+def _decode(
+    path: str | os.PathLike[str], min_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an image as RGB with its EXIF orientation applied; returns it and its full oriented (width, height).
 
-    Raises `ImageLoadError` naming the file when it is missing, empty or not an image.
+    ``min_size(full_size)`` names the oriented size the decoded image must at least have; a JPEG then decodes at
+    1/2, 1/4 or 1/8 scale when that still leaves it (DCT scaling: large photos load fast). Other formats, and
+    JPEGs without ``min_size``, decode at full size. Raises `ImageLoadError` naming the file.
     """
     path = _existing_file(path)
     try:
         with Image.open(path) as image:
-            if max_side is not None and image.format == "JPEG":
-                # Decode at 1/2, 1/4 or 1/8 scale when that still leaves max_side pixels: large photos load fast.
-                image.draft("RGB", (max_side, max_side))
+            swapped = image.getexif().get(_ORIENTATION_TAG) in _TRANSPOSING_ORIENTATIONS
+            full_size = (image.height, image.width) if swapped else image.size
+            if min_size is not None and image.format == "JPEG":
+                need_w, need_h = min_size(full_size)
+                # draft() takes the size in stored (pre-orientation) pixels and keeps at least that many
+                image.draft("RGB", (need_h, need_w) if swapped else (need_w, need_h))
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return _to_rgb(image), full_size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(f"cannot read image {path}: {err}") from err
 
 
+def load_image(path: str | os.PathLike[str], max_side: int | None = None) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied; ``max_side`` lets JPEG decode at reduced scale.
+
+    With ``max_side`` a JPEG may come back at 1/2–1/8 of its size, both sides still at least ``max_side`` (or
+    its full size where smaller). Raises `ImageLoadError` naming the file when it is missing, empty or not an image.
+    """
+    min_size = None if max_side is None else (lambda full: (max_side, max_side))
+    return _decode(path, min_size)[0]
+
+
 def edit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """InstructPix2Pix's edit size: scale so the long side is about ``resolution``, both sides multiples of 64.
+    """InstructPix2Pix's edit size (its ``edit_cli.py``): long side about ``resolution``, sides multiples of 64.
 
     The short side is rounded *up* to a multiple of 64 and the scale follows it, so the long side may exceed
-    ``resolution`` (6240×4160 at 512 → 576×384).
+    ``resolution`` (6240×4160 at 512 → 576×384; 2073×2771 → 320×512). Give the image's full-resolution,
+    EXIF-oriented size (`load_for_edit` does): a reduced JPEG decode rounds differently (779×520 → 512×384).
+    The arithmetic is InstructPix2Pix's own floating point, rounding quirks included (49×49 at 512 → 448×448,
+    because 49 · (512 / 49) < 512); only a side it would make 0 becomes 64.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"invalid image size {width}x{height}")
@@ -85,10 +108,23 @@ def edit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return max(new_w, 64), max(new_h, 64)
 
 
-def fit_for_edit(image: Image.Image, resolution: int) -> Image.Image:
-    """Centre-crop to the aspect of `edit_size` and resize with Lanczos (IP2P's ``ImageOps.fit``)."""
-    size = edit_size(image.width, image.height, resolution)
+def fit_for_edit(image: Image.Image, resolution: int, full_size: tuple[int, int] | None = None) -> Image.Image:
+    """Centre-crop to the aspect of `edit_size` and resize with Lanczos (IP2P's ``ImageOps.fit``).
+
+    ``full_size``: the (width, height) the size rule sees when ``image`` is a reduced decode of a larger image
+    (default: ``image.size``).
+    """
+    size = edit_size(*(full_size or image.size), resolution)
     return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+def load_for_edit(path: str | os.PathLike[str], resolution: int) -> Image.Image:
+    """Load an image fitted to its InstructPix2Pix edit size, computed on its full-resolution oriented size.
+
+    A JPEG decodes at reduced scale only down to the edit size (never below), then is fitted to it exactly.
+    """
+    image, full_size = _decode(path, lambda full: edit_size(*full, resolution))
+    return fit_for_edit(image, resolution, full_size)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -120,8 +156,6 @@ RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def resampling(name: str) -> Image.Resampling:
