@@ -37,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class SetupCallback(Callback):
-    """Creates the run folders and saves the merged configs (rank 0); saves ``last.ckpt`` on Ctrl-C."""
+    """Creates the run folders and saves the merged configs (rank 0); saves ``last.ckpt`` at the end and on Ctrl-C."""
 
     def __init__(self, resume: bool, now: str, logdir: str, ckptdir: str, cfgdir: str, config: Any, lightning_config: Any) -> None:
         super().__init__()
@@ -58,6 +58,12 @@ class SetupCallback(Callback):
         if isinstance(exception, KeyboardInterrupt) and trainer.global_rank == 0:
             logger.warning("interrupted: saving %s", self.ckptdir / "last.ckpt")
             trainer.save_checkpoint(self.ckptdir / "last.ckpt")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Make ``last.ckpt`` the final step even when ``max_steps`` is not a multiple of the checkpoint interval."""
+        saved_at = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+        if saved_at != trainer.global_step:
+            trainer.save_checkpoint(self.ckptdir / "last.ckpt")  # every rank calls it; rank 0 writes
 
 
 class ImageLogger(Callback):

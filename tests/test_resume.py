@@ -124,5 +124,7 @@ def test_ddp_mid_epoch_resume_is_bit_identical(runs, tmp_path):
     a, b = (read_checkpoint(run / "checkpoints" / "last.ckpt") for run in (straight, staged))
     assert a["global_step"] == b["global_step"] == 7 and a["epoch"] == b["epoch"] == 1
     assert read_checkpoint(staged / "checkpoints" / "step=000002.ckpt")["DataModuleFromConfig"]["world_size"] == 2
+    assert sorted(p.name for p in (staged / "checkpoints").iterdir()) == [
+        "last.ckpt", "step=000002.ckpt", "step=000004.ckpt", "step=000006.ckpt"]  # last.ckpt: step 7, the end
     assert [k for k, v in a["state_dict"].items() if not torch.equal(v, b["state_dict"][k])] == []
     assert losses(straight) == losses(staged)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Protocol
 import torch
 from tqdm.auto import trange
 
+from ldm.errors import UsageError
+
 Denoiser = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -43,7 +45,8 @@ def check_eps_parameterization(model: Any) -> None:
     """Raise unless ``model`` predicts eps (the only parameterization of SD v1 / InstructPix2Pix)."""
     parameterization = getattr(model, "parameterization", "eps")
     if parameterization != "eps":
-        raise ValueError(f"only eps-prediction models are supported, got parameterization={parameterization!r}")
+        raise UsageError(f"this sampler needs an eps-prediction model, the model has parameterization="
+                         f"{parameterization!r}: use --sampler euler or euler_ancestral")
 
 
 class CompVisDenoiser:
