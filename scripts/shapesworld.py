@@ -121,9 +121,14 @@ def train_base(args: argparse.Namespace) -> int:
     run_step("train the base model", "main.py", ["-b", str(BASE_CONFIG), "-t", "-n", name, "-s", str(args.seed),
                                                  "-l", args.logdir, "--max_steps", str(args.max_steps),
                                                  *args.overrides], timings)
+    from ldm.checkpoint import read_checkpoint
+
     out = Path(args.out)
-    store_fp16(find_export(Path(args.logdir), name), out, args.max_steps)
-    logger.info("base model (fp16): %s (%.1f MB) in %.0f s", out, out.stat().st_size / 1e6, timings["train the base model"])
+    export = find_export(Path(args.logdir), name)
+    steps = int(read_checkpoint(export.parent.parent / "checkpoints" / "last.ckpt")["global_step"])  # max_time may stop early
+    store_fp16(export, out, steps)
+    logger.info("base model (fp16, %d steps): %s (%.1f MB) in %.0f s", steps, out, out.stat().st_size / 1e6,
+                timings["train the base model"])
     return 0
 
 
