@@ -59,10 +59,14 @@ class SetupCallback(Callback):
             logger.warning("interrupted: saving %s", self.ckptdir / "last.ckpt")
             trainer.save_checkpoint(self.ckptdir / "last.ckpt")
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Make ``last.ckpt`` the final step even when ``max_steps`` is not a multiple of the checkpoint interval."""
-        saved_at = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
-        if saved_at != trainer.global_step:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Make ``last.ckpt`` the final step even when ``max_steps`` is not a multiple of the checkpoint interval.
+
+        Saved here, like the periodic checkpoints, rather than at train end, where Lightning has already closed
+        the epoch: a run resumed from it continues the epoch exactly where the final step left it.
+        """
+        every = getattr(trainer.checkpoint_callback, "_every_n_train_steps", 0) or 0
+        if trainer.max_steps > 0 and trainer.global_step == trainer.max_steps and (not every or trainer.global_step % every):
             trainer.save_checkpoint(self.ckptdir / "last.ckpt")  # every rank calls it; rank 0 writes
 
 
