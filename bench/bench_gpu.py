@@ -76,7 +76,7 @@ def edit_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
     image = Image.new("RGB", (size, size), (120, 60, 200))
     noise = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     rows = []
-    for precision in ("fp32", "fp16"):
+    for precision, mode in (m.split(":") for m in args.modes):
         def ours() -> None:
             edit_latents(model, image_to_tensor(image)[None].to(device), [PROMPT], [7.5], [1.5], [0], steps=steps,
                          sampler="euler", precision=precision, initial_noise=noise.to(device))
@@ -87,16 +87,15 @@ def edit_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
                 pipe(prompt=PROMPT, image=image, num_inference_steps=steps, guidance_scale=7.5,
                      image_guidance_scale=1.5, latents=noise.clone().to(device), output_type="latent")
 
-        for mode in ("eager", "compiled"):
-            if mode == "compiled":
-                model.model.diffusion_model = torch.compile(model.model.diffusion_model)
-                pipe.unet = torch.compile(pipe.unet)
-            (first_a, a), (first_b, b) = timed(ours, repeats), timed(theirs, repeats)
-            rows.append(f"| edit {size} px, {steps} steps | {precision} {mode} | {a:.3f} s | {b:.3f} s | {a / b:.2f} | "
-                        f"{first_a - a:.1f} s / {first_b - b:.1f} s |")
-            if mode == "compiled":  # back to eager modules for the next precision
-                model.model.diffusion_model = model.model.diffusion_model._orig_mod
-                pipe.unet = pipe.unet._orig_mod
+        if mode == "compiled":
+            model.model.diffusion_model = torch.compile(model.model.diffusion_model)
+            pipe.unet = torch.compile(pipe.unet)
+        (first_a, a), (first_b, b) = timed(ours, repeats), timed(theirs, repeats)
+        rows.append(f"| edit {size} px, {steps} steps | {precision} {mode} | {a:.3f} s | {b:.3f} s | {a / b:.2f} | "
+                    f"{first_a - a:.1f} s / {first_b - b:.1f} s |")
+        if mode == "compiled":  # back to the eager modules
+            model.model.diffusion_model = model.model.diffusion_model._orig_mod
+            pipe.unet = pipe.unet._orig_mod
     del model, pipe
     return rows
 
@@ -153,6 +152,8 @@ def main() -> None:
     parser.add_argument("--edit-steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=50)
+    parser.add_argument("--modes", nargs="+", default=["fp32:eager", "fp16:eager", "fp16:compiled"],
+                        help="edit cases, precision:mode with precision fp32|fp16 and mode eager|compiled")
     parser.add_argument("--skip", nargs="*", default=[], choices=["edit", "train"])
     parser.add_argument("--device", default="cuda", help="cuda (cpu: a dry run with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and sizes (dry run of the code paths)")

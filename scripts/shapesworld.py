@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = sub.add_parser("base", help="train the base model with main.py and store it as fp16 safetensors",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     base.add_argument("--out", default=str(BASE_CKPT), help="where to write the base weights (.safetensors)")
-    base.add_argument("--max_steps", type=int, default=2107, help="training steps (2107: the bundled model)")
+    base.add_argument("--max_steps", type=int, default=4000, help="training steps (4000: the bundled model)")
+    base.add_argument("--gpus", default=None, help="main.py --gpus, e.g. '0,' (the bundled model was trained on one GPU)")
     base.add_argument("--seed", type=int, default=23, help="main.py --seed")
     base.add_argument("--logdir", default="logs", help="main.py --logdir")
     base.add_argument("overrides", nargs="*", help="main.py a.b=c config overrides")
@@ -120,12 +121,13 @@ def train_base(args: argparse.Namespace) -> int:
     name = "shapesworld_base"
     run_step("train the base model", "main.py", ["-b", str(BASE_CONFIG), "-t", "-n", name, "-s", str(args.seed),
                                                  "-l", args.logdir, "--max_steps", str(args.max_steps),
-                                                 *args.overrides], timings)
-    from ldm.checkpoint import read_checkpoint
+                                                 *(["--gpus", args.gpus] if args.gpus else []), *args.overrides], timings)
+    import csv
 
     out = Path(args.out)
     export = find_export(Path(args.logdir), name)
-    steps = int(read_checkpoint(export.parent.parent / "checkpoints" / "last.ckpt")["global_step"])  # max_time may stop early
+    with open(export.parent.parent / "metrics.csv", newline="") as handle:  # a max_time override may stop it early
+        steps = 1 + max(int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss"))
     store_fp16(export, out, steps)
     logger.info("base model (fp16, %d steps): %s (%.1f MB) in %.0f s", steps, out, out.stat().st_size / 1e6,
                 timings["train the base model"])
