@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = sub.add_parser("base", help="train the base model with main.py and store it as fp16 safetensors",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     base.add_argument("--out", default=str(BASE_CKPT), help="where to write the base weights (.safetensors)")
-    base.add_argument("--max_steps", type=int, default=4000, help="training steps (4000: the bundled model)")
+    base.add_argument("--max_steps", type=int, default=3793, help="training steps (3793: the bundled model)")
     base.add_argument("--gpus", default=None, help="main.py --gpus, e.g. '0,' (the bundled model was trained on one GPU)")
     base.add_argument("--seed", type=int, default=23, help="main.py --seed")
     base.add_argument("--logdir", default="logs", help="main.py --logdir")
