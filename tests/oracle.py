@@ -34,7 +34,8 @@ def diffusers_ip2p_pipeline(model, config, workdir, image_size: int = 64):
     vae_config = create_vae_diffusers_config_from_ldm(original, checkpoint, image_size=image_size)
     vae = AutoencoderKL(**vae_config)
     vae.load_state_dict(convert_ldm_vae_checkpoint(dict(checkpoint), vae_config), strict=True)
-    text_overrides = original["model"]["params"]["cond_stage_config"]["params"]["text_config"]
+    # Full-size configs name no text_config (FrozenCLIPEmbedder's default: ViT-L/14); tiny ones override it.
+    text_overrides = original["model"]["params"]["cond_stage_config"].get("params", {}).get("text_config", {})
     clip_text_config(text_overrides).save_pretrained(Path(workdir) / "text_encoder")
     text_encoder = create_diffusers_clip_model_from_ldm(
         CLIPTextModel, dict(checkpoint), subfolder="text_encoder", config=str(workdir), local_files_only=True
