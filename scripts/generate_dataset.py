@@ -158,6 +158,10 @@ def check_words(args: argparse.Namespace) -> dict[str, str]:
         raise UsageError(f"--forward_template {args.forward_template!r}: reg captions take no {{identifier}}")
     fill_template(args.forward_template, "--forward_template", words)
     fill_template(args.reverse_template, "--reverse_template", words)
+    if args.mode == "train":
+        from ldm.modules.encoders.identifier import warn_about_identifier
+
+        warn_about_identifier(args.identifier)
     return words
 
 
