@@ -420,3 +420,69 @@ def test_eval_models_config_is_checked():
     with pytest.raises(UsageError, match="eval_every"):
         ImageLogger(eval_models={"clip": "x"}, eval_every=0)
     assert ImageLogger().eval_models == {} and ImageLogger().scorer is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate_dataset.py --filter clip (InstructPix2Pix's CLIP filter over k candidates per pair)
+
+
+def test_filter_scores_and_choice(encoders):
+    import torch.nn.functional as F
+
+    from ldm.evaluation.filtering import FilterThresholds, choose, pair_scores
+
+    _, clip = encoders
+    befores, afters = [_photo("chelsea"), _photo("coffee")], [_photo("astronaut"), _photo("chelsea")]
+    (s0, s1) = pair_scores(clip, befores, afters, "a photo of a cat", "a photo of a man")
+    x0, x1 = F.normalize(clip.embed_images(befores), dim=-1), F.normalize(clip.embed_images(afters), dim=-1)
+    t0, t1 = F.normalize(clip.embed_texts(["a photo of a cat", "a photo of a man"]), dim=-1)
+    assert s0["clip_sim_0"] == pytest.approx(float(x0[0] @ t0), abs=1e-5)
+    assert s1["clip_sim_1"] == pytest.approx(float(x1[1] @ t1), abs=1e-5)
+    assert s0["clip_sim_image"] == pytest.approx(float(x0[0] @ x1[0]), abs=1e-5)
+    direction = x1[0] - x0[0]
+    assert s0["clip_sim_dir"] == pytest.approx(float(direction @ (t1 - t0) / (direction.norm() * (t1 - t0).norm())), abs=1e-5)
+
+    def cand(direction: float, image: float = 0.9, text: float = 0.3) -> dict:
+        return {"clip_sim_0": text, "clip_sim_1": text, "clip_sim_dir": direction, "clip_sim_image": image}
+
+    # the best direction among the passing candidates wins over a better one that fails image similarity
+    assert choose([cand(0.3), cand(0.9, image=0.5), cand(0.4)]) == (2, True)
+    assert choose([cand(0.3, text=0.1), cand(0.25)]) == (1, True)
+    assert choose([cand(0.1), cand(0.15)]) == (1, False)  # none passes: the best direction, marked as failing
+    assert choose([cand(0.1)], FilterThresholds(direction=0.05)) == (0, True)
+
+
+def test_generate_dataset_keeps_the_filter_choice(encoders, encoder_dirs, tmp_path, capsys):
+    from ldm.evaluation.filtering import choose, pair_scores
+    from scripts.generate_dataset import candidate_seed, main as generate
+    from tests.tiny import TINY_CONFIG, save_tiny_checkpoint
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea", "coffee"):
+        _photo(name).resize((80, 64)).save(photos / f"{name}.png")
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.ckpt", seed=1)
+    out = tmp_path / "pairs"
+    args = ["--mode", "train", "--subject_dir", str(photos), "--class_word", "cat", "--source_word", "dog",
+            "--output", str(out), "--ckpt", str(ckpt), "--config", str(TINY_CONFIG), "--steps", "2",
+            "--resolution", "64", "--quiet", "--filter", "clip", "--candidates", "3", "--filter-clip", str(encoder_dirs[1])]
+    assert generate(args) == 0
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    _, clip = encoders
+    for record in records:
+        chosen = record["filter"]
+        assert len(chosen["candidates"]) == 3 and chosen["captions"] == ["a photo of a dog", "a photo of a cat"]
+        assert len({c["clip_sim_dir"] for c in chosen["candidates"]}) == 3  # three different edits were made
+        assert (chosen["chosen"], chosen["passed"]) == choose(chosen["candidates"])
+        assert chosen["chosen_seed"] == candidate_seed(record["seed"], chosen["chosen"])
+        # the kept pair is the chosen candidate: its scores, recomputed from the files, are the recorded ones
+        before, after = (Image.open(out / record[side]).convert("RGB") for side in ("input", "target"))
+        (rescored,) = pair_scores(clip, [before], [after], *chosen["captions"])
+        assert rescored == pytest.approx(chosen["candidates"][chosen["chosen"]], abs=1e-5)
+    with pytest.raises(SystemExit):
+        generate(args[:-6] + ["--candidates", "3"])  # --candidates without --filter
+    capsys.readouterr()
+    assert generate(args[:-6]) == 2  # the filter is part of the recipe: a rerun without it is refused
+    err = capsys.readouterr().err
+    assert "filter: {" in err and "'method': 'clip'} in the folder, None now" in err
