@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     from ldm.evaluation.report import plot_all, write_csv, write_report
     from ldm.evaluation.scoring import EditScorer, summarize
 
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     boxes = read_boxes(args.boxes)
     runs = []
     for spec in args.edits:

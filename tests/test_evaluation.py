@@ -486,3 +486,11 @@ def test_generate_dataset_keeps_the_filter_choice(encoders, encoder_dirs, tmp_pa
     assert generate(args[:-6]) == 2  # the filter is part of the recipe: a rerun without it is refused
     err = capsys.readouterr().err
     assert "filter: {" in err and "'method': 'clip'} in the folder, None now" in err
+
+
+def test_a_folder_that_is_not_the_model_is_a_usage_error(encoder_dirs):
+    # transformers would fill the missing weights with random ones and carry on
+    with pytest.raises(UsageError, match=r"--dino .*do not fit a ViTModel \(\d+ missing"):
+        load_dino(str(encoder_dirs[1]))  # a CLIP folder given as DINO
+    with pytest.raises(UsageError, match="--clip .*(do not fit|cannot load) a CLIPModel"):
+        load_clip(str(encoder_dirs[0]))

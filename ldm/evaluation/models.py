@@ -39,11 +39,32 @@ def _fetch_hint(source: str, option: str, default_id: str) -> str:
             f"and point {option} at that folder ({option} {folder})")
 
 
-def load_pretrained(cls: Any, source: str, option: str, default_id: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(source)``; a missing folder or an unreachable hub id is a `MissingFileError`.
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
-    ``option`` (e.g. ``--dino``) and ``default_id`` (the hub id to suggest for a folder) only shape the message.
+
+def _complete(loaded: tuple[Any, dict], cls: Any, source: str, option: str) -> Any:
+    """The model of ``from_pretrained(..., output_loading_info=True)``; refuse weights that do not fill it.
+
+    transformers fills missing weights with random ones and only logs it: a CLIP folder given as DINO would
+    "load" and score noise.
     """
+    model, info = loaded
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
+        raise UsageError(f"{option} {source}: its weights do not fit a {cls.__name__} ({len(missing)} missing, "
+                         f"e.g. {shown}); is it the right model?")
+    return model
+
+
+def load_pretrained(cls: Any, source: str, option: str, default_id: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(source)`` with every weight loaded; a model that cannot be had is a `MissingFileError`.
+
+    ``option`` (e.g. ``--dino``) and ``default_id`` (the hub id to suggest for a folder) only shape the messages.
+    """
+    kwargs["output_loading_info"] = True
     if _is_folder_spec(source):
         folder = Path(source).expanduser()
         if not folder.is_dir():
@@ -51,19 +72,24 @@ def load_pretrained(cls: Any, source: str, option: str, default_id: str, **kwarg
         if not (folder / "config.json").is_file():
             raise UsageError(f"{option} {source}: no config.json in this folder (not a transformers model folder); "
                              f"{_fetch_hint(source, option, default_id)}")
-        return cls.from_pretrained(str(folder), **kwargs)
+        try:
+            loaded = cls.from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{option} {source}: cannot load a {cls.__name__} from this folder "
+                             f"({_first_line(err)})") from None
+        return _complete(loaded, cls, source, option)
     try:  # the local hub cache first: an unreachable hub would retry every file for minutes
-        return cls.from_pretrained(source, local_files_only=True, **kwargs)
+        return _complete(cls.from_pretrained(source, local_files_only=True, **kwargs), cls, source, option)
     except OSError:
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
             raise MissingFileError(f"{option} {source}: not in the local hub cache and HF_HUB_OFFLINE is set; "
                                    f"{_fetch_hint(source, option, default_id)}") from None
     try:
-        return cls.from_pretrained(source, **kwargs)
+        loaded = cls.from_pretrained(source, **kwargs)
     except OSError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MissingFileError(f"{option} {source}: cannot be loaded ({first_line}); "
+        raise MissingFileError(f"{option} {source}: cannot be loaded ({_first_line(err)}); "
                                f"{_fetch_hint(source, option, default_id)}") from None
+    return _complete(loaded, cls, source, option)
 
 
 def describe(model: Any) -> str:
