@@ -157,6 +157,10 @@ def apply_data_flags(config: Any, opt: argparse.Namespace) -> None:
         for key, value in words.items():
             if value is not None:
                 params[key] = value
+    if opt.identifier is not None:
+        from ldm.modules.encoders.identifier import warn_about_identifier
+
+        warn_about_identifier(opt.identifier)
     if "reg" in sections and opt.reg_data_root is None and "data_root" not in sections.reg.get("params", {}):
         raise UsageError("the config has a regularization set: pass --reg_data_root (or remove data.params.reg)")
     if "train" in sections and opt.data_root is None and "data_root" not in sections.train.get("params", {}):

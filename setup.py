@@ -28,6 +28,11 @@ TEST_REQUIRES = [
     "pytest==9.2.0",
 ]
 
+# Optional: plots of scripts/evaluate.py (`pip install -e .[eval]`); matplotlib does not pull torchvision.
+EVAL_REQUIRES = [
+    "matplotlib==3.11.2",
+]
+
 setup(
     name="instruct2dream",
     version="0.1.0",
@@ -35,5 +40,5 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "eval": EVAL_REQUIRES},
 )

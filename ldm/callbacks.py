@@ -20,9 +20,11 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.checkpoint import read_checkpoint
+from ldm.errors import UsageError
 from ldm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
+EVAL_MODEL_KEYS = ("dino", "clip")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -76,6 +78,13 @@ class ImageLogger(Callback):
     Each grid row is ``input | current model's edit | target`` with its instruction, sampled with the inference
     guidance (``cfg_text``, ``cfg_image``, ``steps``) and the EMA weights when the model keeps them. Grids go to
     ``<logdir>/images/train/gs-<step>.png``. ``increase_log_steps`` also logs at steps 1, 2, 4, … below the frequency.
+
+    ``eval_models`` (``{dino: hub id or folder, clip: hub id or folder}``, either may be left out; off by default)
+    also scores those edits (`ldm.evaluation`) at every grid whose step is a multiple of ``eval_every`` (default:
+    every grid) and logs ``val/dino_subject`` and ``val/clip_i_subject`` (the edit against the pairs' targets, i.e.
+    the subject's photos) and ``val/clip_t`` (the edit against its instruction's target caption, the identifier
+    removed: ``eval_identifier``, default the validation set's) to the run's loggers (``metrics.csv``). The models
+    load when training starts; one that cannot be had stops the run with an error saying how to fetch it.
     """
 
     def __init__(
@@ -95,16 +104,38 @@ class ImageLogger(Callback):
         sampler: str = "euler_ancestral",
         seed: int = 0,
         save_dir: str | None = None,
+        eval_models: Mapping[str, str] | None = None,
+        eval_every: int | None = None,
+        eval_identifier: str | None = None,
     ) -> None:
         super().__init__()
         if batch_frequency < 1:
             raise ValueError(f"ImageLogger batch_frequency must be >= 1, got {batch_frequency}")
+        unknown = sorted(set(eval_models or {}) - set(EVAL_MODEL_KEYS))
+        if unknown:
+            raise UsageError(f"ImageLogger eval_models: unknown key(s) {unknown}; expected {list(EVAL_MODEL_KEYS)}")
+        if eval_every is not None and eval_every < 1:
+            raise UsageError(f"ImageLogger eval_every must be >= 1, got {eval_every}")
+        self.eval_models = {k: str(v) for k, v in (eval_models or {}).items() if v}
+        self.eval_every, self.eval_identifier = eval_every, eval_identifier
+        self.scorer: Any = None
         self.batch_frequency, self.max_images, self.disabled = batch_frequency, max_images, disabled
         self.log_steps = {2**n for n in range(int(math.log2(batch_frequency)) + 1)} if increase_log_steps else set()
         self.log_first_step = log_first_step
         self.steps, self.cfg_text, self.cfg_image, self.sampler, self.seed = steps, cfg_text, cfg_image, sampler, seed
         self.save_dir = Path(save_dir) if save_dir else None
         self.logged: list[Path] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        """Load the evaluation models (rank 0, which alone logs) before the first step, so a missing one fails fast."""
+        if self.eval_models and not self.disabled and trainer.is_global_zero and self.scorer is None:
+            from ldm.evaluation.models import load_clip, load_dino
+            from ldm.evaluation.scoring import EditScorer
+
+            sources, device = self.eval_models, pl_module.device
+            dino = load_dino(sources["dino"], device, "eval_models.dino") if "dino" in sources else None
+            clip = load_clip(sources["clip"], device, "eval_models.clip") if "clip" in sources else None
+            self.scorer = EditScorer(dino, clip)
 
     def _due(self, step: int) -> bool:
         return step > 0 and (step % self.batch_frequency == 0 or step in self.log_steps)
@@ -121,8 +152,7 @@ class ImageLogger(Callback):
 
     def _pairs(self, trainer: pl.Trainer, batch: Any) -> list[dict[str, Any]]:
         """Up to ``max_images`` validation pairs (or the current training batch when there is no validation set)."""
-        datamodule = getattr(trainer, "datamodule", None)
-        dataset = getattr(datamodule, "datasets", {}).get("validation") if datamodule is not None else None
+        dataset = self._validation_set(trainer)
         if dataset is not None and len(dataset) > 0:
             return [dataset[i] for i in range(min(self.max_images, len(dataset)))]
         if batch is None:
@@ -153,6 +183,8 @@ class ImageLogger(Callback):
                 edits = decode_to_images(pl_module, latents)
         finally:
             pl_module.train(was_training)
+        if self.scorer is not None and (self.eval_every is None or step % self.eval_every == 0):
+            self.log_scores(trainer, pairs, edits, step)
         cells, labels = [], []
         for pair, edit in zip(pairs, edits):
             cells += [tensor_to_image(pair["c_concat"]), tensor_to_image(edit), tensor_to_image(pair["image"])]
@@ -163,6 +195,34 @@ class ImageLogger(Callback):
             labelled_grid(cells, 3, labels).save(tmp, format="PNG")
         self.logged.append(path)
         return path
+
+    def log_scores(self, trainer: pl.Trainer, pairs: list[dict[str, Any]], edits: torch.Tensor, step: int) -> dict[str, float]:
+        """Score the edits (`ldm.evaluation`) and log the means as ``val/<metric>`` to every logger of the run."""
+        from ldm.data.transforms import tensor_to_image
+        from ldm.evaluation.metrics import target_caption
+        from ldm.evaluation.scoring import METRICS, EditSample, summarize
+
+        identifier = self.eval_identifier or getattr(self._validation_set(trainer), "identifier", None) or "sks"
+        references, seen = [], set()
+        for pair in pairs:  # the targets are the subject's photos; repeated ones count once
+            image = tensor_to_image(pair["image"])
+            key = image.tobytes()
+            if key not in seen:
+                seen.add(key)
+                references.append(image)
+        samples = [EditSample(tensor_to_image(edit), target_caption(pair["caption"], identifier))
+                   for pair, edit in zip(pairs, edits)]
+        rows = self.scorer.score(samples, self.scorer.references(references))
+        metrics = {f"val/{name}": stats["mean"] for name, stats in summarize(rows, METRICS).items()}
+        for run_logger in trainer.loggers:
+            run_logger.log_metrics(metrics, step=step)
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    @staticmethod
+    def _validation_set(trainer: pl.Trainer) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        return getattr(datamodule, "datasets", {}).get("validation") if datamodule is not None else None
 
 
 class _ResumingExperimentWriter(ExperimentWriter):

@@ -53,7 +53,8 @@ FORWARD_TEMPLATES = {"train": "replace the {source} with a {identifier} {class}"
 # in this run): a crash at the worst moment, with the temporary file written and not yet committed.
 KILL_ENV = "I2D_GENERATE_KILL_AT"
 RECIPE_KEYS = ("mode", "class_word", "source_word", "identifier", "forward_template", "reverse_template", "steps",
-               "cfg_text", "cfg_image", "resolution", "sampler", "seed", "ema", "photos")
+               "cfg_text", "cfg_image", "resolution", "sampler", "seed", "ema", "photos", "filter")
+DEFAULT_CANDIDATES = 4
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="the checkpoint's EMA UNet weights")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="the checkpoint's training UNet weights")
     p.add_argument("--tokenizer", default=None, help="local CLIP tokenizer folder for offline machines")
+    p.add_argument("--filter", choices=("none", "clip"), default="none",
+                   help="clip: edit each photo --candidates times and keep the edit InstructPix2Pix's CLIP filter "
+                        "ranks best (directional and image-image CLIP similarity); scores go to pairs.jsonl")
+    p.add_argument("--candidates", type=int, default=None,
+                   help=f"with --filter clip: edits generated per pair (default {DEFAULT_CANDIDATES})")
+    p.add_argument("--filter-clip", default="openai/clip-vit-base-patch32",
+                   help="with --filter clip: the CLIP model (hub id or local folder)")
     p.add_argument("--skip-unreadable", action="store_true", help="skip and list unreadable photos instead of stopping")
     p.add_argument("--force", action="store_true", help="write into a folder holding other files (left untouched)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -136,6 +144,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if getattr(args, count) < 1:
         p.error(f"--{count} must be at least 1, got {getattr(args, count)}")
     args.forward_template = args.forward_template or FORWARD_TEMPLATES[args.mode]
+    if args.filter == "none" and args.candidates is not None:
+        p.error("--candidates needs --filter clip")
+    args.candidates = (args.candidates or DEFAULT_CANDIDATES) if args.filter != "none" else 1
+    if args.candidates < 1:
+        p.error(f"--candidates must be at least 1, got {args.candidates}")
     return args
 
 
@@ -158,6 +171,10 @@ def check_words(args: argparse.Namespace) -> dict[str, str]:
         raise UsageError(f"--forward_template {args.forward_template!r}: reg captions take no {{identifier}}")
     fill_template(args.forward_template, "--forward_template", words)
     fill_template(args.reverse_template, "--reverse_template", words)
+    if args.mode == "train":
+        from ldm.modules.encoders.identifier import warn_about_identifier
+
+        warn_about_identifier(args.identifier)
     return words
 
 
@@ -441,12 +458,18 @@ class OutputFolder:
         self._manifest_fd = self._dir_fd = None
 
 
+def candidate_seed(seed: int, candidate: int) -> int:
+    """Seed of a pair's ``candidate``-th edit under --filter: the pair's own seed first, then derived ones."""
+    return seed if candidate == 0 else pair_seed(seed, candidate)
+
+
 def generate(model: Any, pairs: list[Pair], images: dict[Path, Any], folder: OutputFolder, record_base: dict,
-             batch_size: int, quiet: bool = False) -> int:
+             batch_size: int, quiet: bool = False, selector: Any = None, candidates: int = 1) -> int:
     """Edit the photos of ``pairs`` (same-size photos share a batch) and commit each pair; returns the count.
 
     ``record_base``: the manifest fields shared by every pair, sampling settings included (steps, sampler,
-    precision, cfg_text, cfg_image).
+    precision, cfg_text, cfg_image). With a ``selector`` (`ldm.evaluation.filtering.ClipPairFilter`) each pair is
+    edited ``candidates`` times (seeds `candidate_seed`) and the selected edit is kept; its record gets ``filter``.
     """
     import torch
     from tqdm import tqdm
@@ -462,22 +485,31 @@ def generate(model: Any, pairs: list[Pair], images: dict[Path, Any], folder: Out
     base = record_base
     with tqdm(total=len(pairs), desc="generating", unit="pair", disable=quiet) as bar:
         for batch in batches:
-            pixels = torch.stack([image_to_tensor(images[p.photo.path]) for p in batch]).to(device)  # (B, 3, H, W)
-            n = len(batch)
-            latents = edit_latents(model, pixels, [p.edit_instruction for p in batch], [base["cfg_text"]] * n,
-                                   [base["cfg_image"]] * n, [p.seed for p in batch], steps=base["steps"],
-                                   sampler=base["sampler"], precision=base["precision"])  # (B, 4, H/8, W/8)
-            for pair, x in zip(batch, decode_to_images(model, latents, base["precision"])):
-                real, made = images[pair.photo.path], tensor_to_image(x)
+            jobs = [(pair, candidate_seed(pair.seed, k)) for pair in batch for k in range(candidates)]
+            edits = []
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start : start + batch_size]
+                pixels = torch.stack([image_to_tensor(images[p.photo.path]) for p, _ in chunk]).to(device)  # (B, 3, H, W)
+                n = len(chunk)
+                latents = edit_latents(model, pixels, [p.edit_instruction for p, _ in chunk], [base["cfg_text"]] * n,
+                                       [base["cfg_image"]] * n, [seed for _, seed in chunk], steps=base["steps"],
+                                       sampler=base["sampler"], precision=base["precision"])  # (B, 4, H/8, W/8)
+                edits += [tensor_to_image(x) for x in decode_to_images(model, latents, base["precision"])]
+            for number, pair in enumerate(batch):
+                real, made = images[pair.photo.path], edits[number * candidates]
                 if made.size != real.size:
                     raise ValueError(f"the edit of {pair.photo.path} is {made.size}, the photo {real.size}")
+                extra = {}
+                if selector is not None:
+                    made, extra["filter"] = select_edit(selector, pair, real,
+                                                        edits[number * candidates : (number + 1) * candidates], base)
                 names = folder.pair_names(pair.index)
                 record = {
                     **base, "index": pair.index, "input": names[0], "target": names[1],
                     "instruction": pair.instruction, "edit_instruction": pair.edit_instruction,
                     "generated": pair.generated, "kind": pair.kind, "seed": pair.seed, "width": real.width,
                     "height": real.height, "source_photo": str(pair.photo.path.resolve()),
-                    "source_name": pair.photo.path.name, "source_sha256": pair.photo.sha256,
+                    "source_name": pair.photo.path.name, "source_sha256": pair.photo.sha256, **extra,
                 }
                 sides = (made, real) if pair.generated == "input" else (real, made)
                 for role, image, name in zip(("input", "target"), sides, names):
@@ -487,6 +519,17 @@ def generate(model: Any, pairs: list[Pair], images: dict[Path, Any], folder: Out
     return len(pairs)
 
 
+def select_edit(selector: Any, pair: Pair, real: Any, edits: list[Any], base: dict) -> tuple[Any, dict]:
+    """The edit the CLIP filter keeps among a pair's candidates, and the filter's record (scores, chosen seed)."""
+    befores, afters = ([edits, [real] * len(edits)] if pair.generated == "input" else [[real] * len(edits), edits])
+    index, record = selector.select(befores, afters, base["source_word"], base["class_word"])
+    record["chosen_seed"] = candidate_seed(pair.seed, index)
+    if not record["passed"]:
+        logger.warning("pair %d: no candidate passes the CLIP filter; keeping the best (clip_sim_dir %.3f)",
+                       pair.index, record["candidates"][index]["clip_sim_dir"])
+    return edits[index], record
+
+
 def run(args: argparse.Namespace) -> int:
     words = check_words(args)
     photos, images = load_photos(collect_photos(args), args.resolution, args.skip_unreadable)
@@ -494,8 +537,10 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.output) / SETTINGS).is_file():  # a new folder: fail before creating anything
         require_files(config, ckpt)
     total = len(photos) * args.samples_per_image if args.mode == "train" else args.num_pairs
-    recipe = {key: getattr(args, key) for key in RECIPE_KEYS if key != "photos"}
+    recipe = {key: getattr(args, key) for key in RECIPE_KEYS if key not in ("photos", "filter")}
     recipe["photos"] = [[p.kind, p.path.name, p.sha256] for p in photos]
+    recipe["filter"] = None if args.filter == "none" else {"method": args.filter, "candidates": args.candidates,
+                                                          "clip": args.filter_clip}
     folder = OutputFolder(args.output)
     try:
         folder.open(args.force, sorted({p.path.parent for p in photos}))
@@ -528,6 +573,12 @@ def generate_pending(args: argparse.Namespace, folder: OutputFolder, pending: li
 
     device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    selector = None
+    if args.filter == "clip":  # before the (slow) model load, so a missing CLIP fails fast
+        from ldm.evaluation.filtering import ClipPairFilter
+        from ldm.evaluation.models import load_clip
+
+        selector = ClipPairFilter(load_clip(args.filter_clip, device, "--filter-clip"))
     loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer)
     record_base = {
         "mode": args.mode, "class_word": args.class_word, "source_word": args.source_word,
@@ -536,7 +587,7 @@ def generate_pending(args: argparse.Namespace, folder: OutputFolder, pending: li
         "resolution": args.resolution, "checkpoint": identity["name"], "checkpoint_sha256": identity["sha256"],
         "ema": loaded.used_ema, "precision": precision, "device": device.type,
     }
-    generate(loaded.model, pending, images, folder, record_base, args.batch_size, args.quiet)
+    generate(loaded.model, pending, images, folder, record_base, args.batch_size, args.quiet, selector, args.candidates)
 
 
 def main(argv: list[str] | None = None) -> int:

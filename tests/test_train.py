@@ -99,6 +99,7 @@ def test_cli_writes_checkpoints_images_metrics_and_export(workspace, straight_ru
     for column in ("train/loss_train", "train/loss_reg", "train/loss"):
         values = [float(r[column]) for r in rows if r.get(column)]
         assert len(values) == 4 and all(np.isfinite(values)), column
+    assert not any(key.startswith(("val/clip", "val/dino")) for key in rows[0])  # no eval_models: no scoring
     step_rows = [r for r in rows if r.get("train/loss")]
     for row in step_rows:  # loss = loss_train + reg_weight (1.0) * loss_reg
         assert float(row["train/loss"]) == pytest.approx(float(row["train/loss_train"]) + float(row["train/loss_reg"]), rel=1e-5)

@@ -182,6 +182,7 @@ class PersonalizedBase(Dataset):
         self.data_set = data_set
         self.center_crop = center_crop
         self.reg = reg
+        self.identifier = identifier
         self.min_size = size // 2 if min_size is None else int(min_size)
         self.template = template if template is not None else (REG_TEMPLATE if reg else TRAIN_TEMPLATE)
         words = {"identifier": identifier, "class": placeholder_token, "class_word": placeholder_token}
