@@ -241,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def check_something_to_do(opt: argparse.Namespace, config: Any) -> None:
+    """Without -t there must be a test set to run (and no --no-test)."""
+    if not opt.train and (opt.no_test or "test" not in config.get("data", {}).get("params", {})):
+        raise UsageError("nothing to do: pass -t/--train to train (or resume training with -r LOGDIR -t)")
+
+
 def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tuple[Path, Path | None, Any, Any, int]:
     """(log dir, checkpoint to resume or None, config, lightning config, seed) for a new or a resumed run.
 
@@ -257,6 +263,7 @@ def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tupl
         prefix = Path(os.path.normpath(opt.data_root)).name if opt.datadir_in_name and opt.data_root else ""
         logdir = Path(opt.logdir) / f"{prefix}{now}{name}{opt.postfix}"
         config = load_configs(opt.base, overrides)
+        check_something_to_do(opt, config)
         lightning_config = config.pop("lightning", OmegaConf.create())
         apply_data_flags(config, opt)
         seed = opt.seed if opt.seed is not None else int(config.get("seed", DEFAULT_SEED))
@@ -279,6 +286,7 @@ def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tupl
         raise UsageError(f"--resume {opt.resume}: no configs/*-project.yaml in {logdir}")
     saved = load_configs(saved_paths[0] + saved_paths[1], [])
     config = load_configs(saved_paths[0] + saved_paths[1] + list(opt.base), overrides)
+    check_something_to_do(opt, config)
     apply_data_flags(config, opt)
     saved_lightning = saved.pop("lightning", OmegaConf.create())
     lightning_config = config.pop("lightning", OmegaConf.create())
@@ -315,8 +323,6 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     logdir, resume_ckpt, config, lightning_config, seed = resolve_run(opt, overrides, now)
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
     has_test = "test" in config.get("data", {}).get("params", {})
-    if not opt.train and (opt.no_test or not has_test):
-        raise UsageError("nothing to do: pass -t/--train to train (or resume training with -r LOGDIR -t)")
     if "model" not in config:
         raise UsageError(f"no 'model' section in {', '.join(opt.base) or opt.resume}")
     settings = trainer_settings(opt, lightning_config)

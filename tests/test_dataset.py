@@ -439,21 +439,26 @@ def test_reg_pairing_even_varied_and_ddp_split() -> None:
     assert Counter(r for _, r in seen[0] + seen[1]) == {0: 6, 1: 6, 2: 6, 3: 6}
 
 
-def test_datamodule_reproducible_with_seeded_workers(tmp_path: Path) -> None:
-    config = data_config(tmp_path, num_workers=2)
-    dm = instantiate_from_config(config)
-    dm.setup("fit")
-    assert dm.num_workers == 2
+def test_datamodule_order_and_augmentation_follow_its_seed_not_the_workers(tmp_path: Path) -> None:
+    """An epoch's batches are a function of the data module's seed and the epoch: the same with 0 or 2 workers,
+    whatever the global RNG state, different for another seed or another epoch."""
 
-    def epoch(seed: int) -> torch.Tensor:
-        torch.manual_seed(seed)
+    def epoch(seed: int, workers: int, number: int = 0) -> torch.Tensor:
+        config = data_config(tmp_path, num_workers=workers)
+        config["params"]["seed"] = seed
+        dm = instantiate_from_config(config)
+        dm.setup("fit")
+        torch.manual_seed(1000 + seed + workers)  # the global RNG must not matter
         loader = dm.train_dataloader()
-        assert loader.persistent_workers and loader.worker_init_fn is not None
+        loader.sampler.set_epoch(number)
+        if workers:
+            assert loader.persistent_workers and loader.worker_init_fn is not None
         return torch.cat([torch.cat([t["image"], r["image"]]) for t, r in loader])
 
-    first = epoch(5)
-    assert torch.equal(first, epoch(5))
-    assert not torch.equal(first, epoch(6))
+    first = epoch(5, workers=2)
+    assert torch.equal(first, epoch(5, workers=0))
+    assert not torch.equal(first, epoch(6, workers=2))
+    assert not torch.equal(first, epoch(5, workers=2, number=1))
 
 
 def test_datamodule_legacy_config_and_missing_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
