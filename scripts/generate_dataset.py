@@ -115,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="the checkpoint's EMA UNet weights")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="the checkpoint's training UNet weights")
+    p.add_argument("--compile", action="store_true",
+                    help="torch.compile the UNet (slow first call; pays off over many edits)")
     p.add_argument("--tokenizer", default=None, help="local CLIP tokenizer folder for offline machines")
     p.add_argument("--filter", choices=("none", "clip"), default="none",
                    help="clip: edit each photo --candidates times and keep the edit InstructPix2Pix's CLIP filter "
@@ -569,7 +571,7 @@ def run(args: argparse.Namespace) -> int:
 def generate_pending(args: argparse.Namespace, folder: OutputFolder, pending: list[Pair], images: dict[Path, Any],
                      words: dict[str, str], identity: dict) -> None:
     """Load the model and generate the pending pairs."""
-    from ldm.editing import load_model, resolve_device
+    from ldm.editing import compile_unet, load_model, resolve_device
 
     device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
@@ -580,6 +582,8 @@ def generate_pending(args: argparse.Namespace, folder: OutputFolder, pending: li
 
         selector = ClipPairFilter(load_clip(args.filter_clip, device, "--filter-clip"))
     loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer)
+    if args.compile:
+        compile_unet(loaded.model)
     record_base = {
         "mode": args.mode, "class_word": args.class_word, "source_word": args.source_word,
         "identifier": args.identifier, "reverse_instruction": fill_template(args.reverse_template, "", words),

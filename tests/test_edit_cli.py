@@ -152,3 +152,16 @@ def test_bad_arguments_exit_nonzero(tmp_path):
         main(["--input", "a.jpg", "--output", "o", "--edit", "x", "--steps", "0"])
     assert exit_info.value.code == 2
     assert main(["--input", str(tmp_path / "missing*.jpg"), "--output", "o", "--edit", "x"]) == 2
+
+
+@pytest.mark.slow  # torch.compile takes ~30-60 s on a CPU even for the tiny model
+def test_compile_flag_gives_the_eager_edit(tiny_ckpt, tmp_path):
+    photo = _write_photo(tmp_path / "in.png", (64, 64))
+    outputs = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"out{len(flags)}.png"
+        assert main(["--input", str(photo), "--output", str(out), "--edit", "make it red", "--ckpt", str(tiny_ckpt),
+                     "--config", str(TINY_CONFIG), "--steps", "3", "--resolution", "64", "--seed", "1", "--quiet",
+                     *flags]) == 0
+        outputs[len(flags)] = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1  # same kernels up to fusion rounding
