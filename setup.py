@@ -28,6 +28,13 @@ TEST_REQUIRES = [
     "pytest==9.2.0",
 ]
 
+# Optional, for fitting training in GPU memory (README, "Fitting in GPU memory"): LoRA adapters (peft) and 8-bit AdamW
+# (bitsandbytes). Neither depends on torchvision; both run on CPU (tests) and CUDA.
+MEMORY_REQUIRES = [
+    "peft==0.21.2",
+    "bitsandbytes==0.50.2",
+]
+
 setup(
     name="instruct2dream",
     version="0.1.0",
@@ -35,5 +42,5 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES + MEMORY_REQUIRES, "memory": MEMORY_REQUIRES},
 )

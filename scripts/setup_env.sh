@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment: CPU torch, the pinned dependencies, this package.
-# Usage: bash scripts/setup_env.sh [--test]    (--test adds the test-only packages: diffusers, scikit-image, pytest)
+# Usage: bash scripts/setup_env.sh [--test]    (--test adds the test-only packages: diffusers, scikit-image, pytest,
+#                                              and the optional LoRA / 8-bit optimizer ones: peft, bitsandbytes)
 # Set VENV to use another folder (default .venv at the repository root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
