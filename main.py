@@ -94,24 +94,31 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export_ema", type=str2bool, const=True, default=None, nargs="?",
                         help="export the EMA weights (default: EMA when the model keeps one)")
     memory = parser.add_argument_group(
-        "fitting in GPU memory", "each of these writes into the run's config (model.params.*), so a resumed run keeps it")
+        "fitting in GPU memory",
+        "each of these writes into the run's config (model.params.*), so a resumed run keeps it")
     memory.add_argument("--lora_rank", type=int, default=None,
                         help="train LoRA adapters of this rank instead of the UNet weights (model.params.lora_config); "
                         "the run ends with export/lora.safetensors (kohya/A1111 layout)")
-    memory.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank; default: the rank)")
+    memory.add_argument("--lora_alpha", type=float, default=None,
+                        help="LoRA alpha (scale alpha/rank; unset: the rank)")
     memory.add_argument("--lora_targets", type=str, default=None,
-                        help="comma-separated UNet module names to adapt (default to_q,to_k,to_v,to_out.0: every attention)")
+                        help="comma-separated UNet module names to adapt "
+                        "(unset: to_q,to_k,to_v,to_out.0, i.e. every attention)")
     memory.add_argument("--lora_text_encoder", type=str2bool, const=True, default=None, nargs="?",
-                        help="also put adapters on the text encoder's attention (otherwise it stays frozen in a LoRA run)")
+                        help="also put adapters on the text encoder's attention "
+                        "(otherwise it stays frozen in a LoRA run)")
     memory.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                         help="adamw8bit keeps AdamW's two moments in 8 bits (bitsandbytes): 6 bytes less per trained "
-                        "parameter (model.params.optimizer; default adamw)")
+                        "parameter (model.params.optimizer; unset: adamw)")
     memory.add_argument("--gradient_checkpointing", type=str2bool, const=True, default=None, nargs="?",
-                        help="recompute UNet activations in the backward pass (model.params.unet_config.params.use_checkpoint)")
+                        help="recompute UNet activations in the backward pass "
+                        "(model.params.unet_config.params.use_checkpoint)")
     memory.add_argument("--frozen_dtype", choices=("fp16", "bf16"), default=None,
-                        help="hold the frozen VAE (and a frozen text encoder) in half precision (model.params.frozen_dtype)")
+                        help="hold the frozen VAE (and a frozen text encoder) in half precision "
+                        "(model.params.frozen_dtype)")
     memory.add_argument("--strategy", type=str, default=None,
-                        help="Lightning strategy, e.g. ddp, fsdp, deepspeed_stage_2 (deepspeed must be installed)")
+                        help="Lightning strategy (lightning.trainer.strategy): ddp, fsdp (CUDA only), "
+                        "deepspeed_stage_2 (deepspeed must be installed), ...")
     return parser
 
 
@@ -219,7 +226,8 @@ def check_strategy(strategy: str, settings: dict[str, Any]) -> None:
     import importlib.util
 
     if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise UsageError(f"--strategy {strategy}: deepspeed is not installed (pip install deepspeed, on a CUDA machine)")
+        raise UsageError(f"--strategy {strategy}: deepspeed is not installed "
+                         "(pip install deepspeed, on a CUDA machine)")
     if strategy.startswith("fsdp") and str(settings.get("accelerator")) not in ("gpu", "cuda"):
         raise UsageError(f"--strategy {strategy}: Lightning's FSDP shards across CUDA devices only; "
                          "use ddp on the CPU, or --gpus")

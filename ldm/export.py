@@ -1,4 +1,4 @@
-"""Export fine-tuned weights alone (no optimizer state) in the original layout, or a LoRA run's adapter, as safetensors."""
+"""Export fine-tuned weights alone (no optimizer state) in the original layout, or a LoRA run's adapter: safetensors."""
 
 from __future__ import annotations
 

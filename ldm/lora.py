@@ -125,7 +125,8 @@ def kohya_name(module_path: str) -> str:
     for prefix, kohya in KOHYA_PREFIXES.items():
         if module_path.startswith(prefix):
             return kohya + module_path[len(prefix):].replace(".", "_")
-    raise ValueError(f"{module_path}: LoRA files hold UNet ({UNET_PREFIX}…) and text encoder ({TEXT_PREFIX}…) modules")
+    raise ValueError(f"{module_path}: LoRA files hold UNet ({UNET_PREFIX}…) and text encoder ({TEXT_PREFIX}…) "
+                     "modules only")
 
 
 def is_peft_state(state: Mapping[str, Any]) -> bool:

@@ -1,4 +1,4 @@
-"""Optimizers selectable by name (``model.params.optimizer``): AdamW, or AdamW with 8-bit states (Dettmers et al. 2022)."""
+"""Optimizers by name (``model.params.optimizer``): AdamW, or AdamW with 8-bit states (Dettmers et al. 2022)."""
 
 from __future__ import annotations
 

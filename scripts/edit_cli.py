@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ema.add_argument("--no-ema", dest="ema", action="store_false",
                      help="use the checkpoint's training (non-EMA) UNet weights")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE",
-                        help="LoRA file (kohya/A1111 layout, e.g. a LoRA run's export/lora.safetensors) merged into the "
-                        "weights at load; repeat for several")
+                        help="LoRA file (kohya/A1111 layout, e.g. a LoRA run's export/lora.safetensors) merged into "
+                        "the weights at load; repeat for several")
     parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
                         help="strength of the --lora files: one value for all, or one per --lora in order (default 1)")
     parser.add_argument("--tokenizer", default=None,

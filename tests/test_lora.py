@@ -225,7 +225,8 @@ def save_tiny_checkpoint_for_lora(path):
 
 def test_lora_run_writes_the_adapter_and_keeps_the_base(lora_run):
     run = lora_run["run"]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
     assert sorted(p.name for p in (run / "images" / "train").iterdir()) == ["gs-000002.png", "gs-000004.png"]
     assert sorted(p.name for p in (run / "export").iterdir()) == ["lora.safetensors"]
     (project,) = (run / "configs").glob("*-project.yaml")

@@ -136,7 +136,8 @@ def test_strategy_ddp_flag_with_lora_two_processes(tmp_path):
     probe, logs = tmp_path / "probe", tmp_path / "logs"
     main_py(logs, "-b", str(TINY_TRAIN), "--actual_resume", str(ckpt), "--data_root", str(train), "--reg_data_root",
             str(reg), "--class_word", "dog", "-t", "-n", "ddp", "--max_steps", "2", NO_IMAGES, "--strategy", "ddp",
-            "lightning.trainer.devices=2", "--lora_rank", "2", "lightning.callbacks.probe.target=tests.ddp_probe.DDPProbe",
+            "lightning.trainer.devices=2", "--lora_rank", "2",
+            "lightning.callbacks.probe.target=tests.ddp_probe.DDPProbe",
             f"lightning.callbacks.probe.params.out_dir={probe}")
     records = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]

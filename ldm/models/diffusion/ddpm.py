@@ -378,7 +378,7 @@ class LatentDiffusion(DDPM):
         self.cond_stage_model.requires_grad_(False)
 
     def cast_frozen_parts(self, dtype: torch.dtype) -> None:
-        """Hold the VAE, and the text encoder's frozen weights, in ``dtype`` (adapters and trained weights stay fp32)."""
+        """Hold the VAE, and the text encoder's frozen weights, in ``dtype`` (adapters, trained weights stay fp32)."""
         if dtype == torch.float16 and not torch.cuda.is_available():
             logger.warning("frozen_dtype fp16 without CUDA: CPU fp16 kernels are slow, bf16 is the CPU choice")
         self.first_stage_model.to(dtype)
@@ -558,7 +558,7 @@ class LatentDiffusion(DDPM):
         return params
 
     def configure_optimizers(self) -> Any:
-        """``optimizer`` (AdamW) on the trainable parts at ``learning_rate``; ``scheduler_config`` adds a per-step LambdaLR."""
+        """``optimizer`` on the trainable parts at ``learning_rate``; ``scheduler_config`` adds a per-step LambdaLR."""
         from ldm.optim import build_optimizer
 
         params = self.trainable_parameters()
