@@ -8,7 +8,8 @@
 Writes ``logs/<timestamp>_<name>/`` with ``configs/`` (the merged YAML), ``checkpoints/`` (``step=NNNNNN.ckpt``
 every ``lightning.modelcheckpoint.params.every_n_train_steps`` and ``last.ckpt``, all resumable),
 ``images/train/`` (edits of validation pairs by the current model), ``metrics.csv`` and
-``export/model.safetensors`` (the fine-tuned weights alone, original layout, loadable by ``scripts/edit_cli.py``).
+``export/model.safetensors`` (the fine-tuned weights alone, original layout, loadable by ``scripts/edit_cli.py``);
+a LoRA run (``--lora_rank``) writes ``export/lora.safetensors`` instead (the adapter alone, kohya/A1111 layout).
 Any ``a.b=c`` argument overrides the merged config, e.g. ``model.params.reg_weight=0``.
 """
 
@@ -37,6 +38,7 @@ __all__ = ["DataModuleFromConfig", "ImageLogger", "SetupCallback", "main"]
 logger = logging.getLogger("main")
 RUN_TIMESTAMP_ENV = "INSTRUCT2DREAM_RUN_TIMESTAMP"
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16", "bf16", "64")
+OPTIMIZERS = ("adamw", "adamw8bit")  # ldm.optim.OPTIMIZERS (not imported here: --help stays fast)
 DEFAULT_SEED = 23
 # What a resumed run may change: how long it trains. Everything else comes from the run's saved configs.
 RESUMABLE_CHANGES = ("lightning.trainer.max_steps",)
@@ -91,6 +93,32 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", type=str, default=None, choices=PRECISIONS, help="Lightning precision")
     parser.add_argument("--export_ema", type=str2bool, const=True, default=None, nargs="?",
                         help="export the EMA weights (default: EMA when the model keeps one)")
+    memory = parser.add_argument_group(
+        "fitting in GPU memory",
+        "each of these writes into the run's config (model.params.*), so a resumed run keeps it")
+    memory.add_argument("--lora_rank", type=int, default=None,
+                        help="train LoRA adapters of this rank instead of the UNet weights (model.params.lora_config); "
+                        "the run ends with export/lora.safetensors (kohya/A1111 layout)")
+    memory.add_argument("--lora_alpha", type=float, default=None,
+                        help="LoRA alpha (scale alpha/rank; unset: the rank)")
+    memory.add_argument("--lora_targets", type=str, default=None,
+                        help="comma-separated UNet module names to adapt "
+                        "(unset: to_q,to_k,to_v,to_out.0, i.e. every attention)")
+    memory.add_argument("--lora_text_encoder", type=str2bool, const=True, default=None, nargs="?",
+                        help="also put adapters on the text encoder's attention "
+                        "(otherwise it stays frozen in a LoRA run)")
+    memory.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="adamw8bit keeps AdamW's two moments in 8 bits (bitsandbytes): 6 bytes less per trained "
+                        "parameter (model.params.optimizer; unset: adamw)")
+    memory.add_argument("--gradient_checkpointing", type=str2bool, const=True, default=None, nargs="?",
+                        help="recompute UNet activations in the backward pass "
+                        "(model.params.unet_config.params.use_checkpoint)")
+    memory.add_argument("--frozen_dtype", choices=("fp16", "bf16"), default=None,
+                        help="hold the frozen VAE (and a frozen text encoder) in half precision "
+                        "(model.params.frozen_dtype)")
+    memory.add_argument("--strategy", type=str, default=None,
+                        help="Lightning strategy (lightning.trainer.strategy): ddp, fsdp (CUDA only), "
+                        "deepspeed_stage_2 (deepspeed must be installed), ...")
     return parser
 
 
@@ -167,6 +195,48 @@ def apply_data_flags(config: Any, opt: argparse.Namespace) -> None:
         raise UsageError("pass --data_root with the training pairs")
 
 
+def apply_model_flags(config: Any, opt: argparse.Namespace) -> None:
+    """Write the memory flags (LoRA, optimizer, gradient checkpointing, frozen dtype) into ``model.params``."""
+    from omegaconf import OmegaConf
+
+    if "model" not in config:
+        return
+    params = config.model.setdefault("params", {})
+    lora = {"rank": opt.lora_rank, "alpha": opt.lora_alpha, "text_encoder": opt.lora_text_encoder,
+            "targets": [t.strip() for t in opt.lora_targets.split(",") if t.strip()] if opt.lora_targets else None}
+    given = {key: value for key, value in lora.items() if value is not None}
+    if given:
+        if opt.lora_rank is None and params.get("lora_config") is None:
+            raise UsageError("--lora_alpha, --lora_targets and --lora_text_encoder need --lora_rank "
+                             "(or a model.params.lora_config in the config)")
+        if opt.lora_rank is not None and opt.lora_rank < 1:
+            raise UsageError(f"--lora_rank must be at least 1, got {opt.lora_rank}")
+        if opt.lora_targets is not None and not given.get("targets"):
+            raise UsageError(f"--lora_targets {opt.lora_targets!r}: name at least one module, e.g. to_q,to_v")
+        merged = OmegaConf.to_container(params.get("lora_config") or OmegaConf.create(), resolve=True)
+        params["lora_config"] = {**merged, **given}
+    if opt.optimizer is not None:
+        params["optimizer"] = opt.optimizer
+    if opt.frozen_dtype is not None:
+        params["frozen_dtype"] = opt.frozen_dtype
+    if opt.gradient_checkpointing is not None:
+        if "unet_config" not in params:
+            raise UsageError("--gradient_checkpointing: the config has no model.params.unet_config")
+        params.unet_config.setdefault("params", {})["use_checkpoint"] = bool(opt.gradient_checkpointing)
+
+
+def check_strategy(strategy: str, settings: dict[str, Any]) -> None:
+    """Refuse, with the reason, strategies that cannot run here (before Lightning builds the model)."""
+    import importlib.util
+
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError(f"--strategy {strategy}: deepspeed is not installed "
+                         "(pip install deepspeed, on a CUDA machine)")
+    if strategy.startswith("fsdp") and str(settings.get("accelerator")) not in ("gpu", "cuda"):
+        raise UsageError(f"--strategy {strategy}: Lightning's FSDP shards across CUDA devices only; "
+                         "use ddp on the CPU, or --gpus")
+
+
 def trainer_settings(opt: argparse.Namespace, lightning_config: Any) -> dict[str, Any]:
     """Lightning Trainer kwargs: the config's ``lightning.trainer`` plus the device/length flags."""
     import torch
@@ -189,9 +259,11 @@ def trainer_settings(opt: argparse.Namespace, lightning_config: Any) -> dict[str
         asked = f"--gpus {opt.gpus}" if opt.gpus is not None else f"lightning.trainer.accelerator={settings['accelerator']}"
         raise UsageError(f"{asked}: CUDA is not available here (torch {torch.__version__}); "
                          "leave out --gpus to train on the CPU")
-    for key in ("max_steps", "precision", "num_nodes"):
-        if getattr(opt, key) is not None:
+    for key in ("max_steps", "precision", "num_nodes", "strategy"):
+        if getattr(opt, key, None) is not None:
             settings[key] = getattr(opt, key)
+    if "strategy" in settings:
+        check_strategy(str(settings["strategy"]), settings)
     settings.setdefault("max_steps", -1)
     settings.pop("gpus", None)
     settings.pop("resume_from_checkpoint", None)
@@ -266,6 +338,7 @@ def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tupl
         check_something_to_do(opt, config)
         lightning_config = config.pop("lightning", OmegaConf.create())
         apply_data_flags(config, opt)
+        apply_model_flags(config, opt)
         seed = opt.seed if opt.seed is not None else int(config.get("seed", DEFAULT_SEED))
         config.seed = seed
         if opt.actual_resume is not None:
@@ -288,10 +361,12 @@ def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tupl
     config = load_configs(saved_paths[0] + saved_paths[1] + list(opt.base), overrides)
     check_something_to_do(opt, config)
     apply_data_flags(config, opt)
+    apply_model_flags(config, opt)
     saved_lightning = saved.pop("lightning", OmegaConf.create())
     lightning_config = config.pop("lightning", OmegaConf.create())
     saved_settings, settings = trainer_settings(argparse.Namespace(**{**vars(opt), "gpus": None, "num_nodes": None,
-                                                                      "precision": None, "max_steps": None}),
+                                                                      "precision": None, "max_steps": None,
+                                                                      "strategy": None}),
                                                 saved_lightning), trainer_settings(opt, lightning_config)
     check_unchanged(saved, config, f"{saved_paths[0][0]} and the flags given now")
     check_unchanged(OmegaConf.create({"lightning": {"trainer": saved_settings}}),
@@ -314,7 +389,7 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     from omegaconf import OmegaConf
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-    from ldm.export import export_weights
+    from ldm.export import export_lora, export_weights
     from ldm.util import instantiate_from_config
 
     # DDP re-runs this script for the other ranks: they must reuse the first rank's timestamp (same log dir).
@@ -367,7 +442,11 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
 
     if opt.train:
         trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-        if trainer.global_rank == 0 and not trainer.interrupted:
+        if trainer.global_rank == 0 and not trainer.interrupted and getattr(model, "lora", None) is not None:
+            export = export_lora(model, logdir / "export" / "lora.safetensors", ema=opt.export_ema)
+            logger.info("LoRA adapter: %s (apply it with scripts/edit_cli.py --lora, or merge it with "
+                        "scripts/export.py --merge)", export)
+        elif trainer.global_rank == 0 and not trainer.interrupted:
             export = export_weights(model, logdir / "export" / "model.safetensors", ema=opt.export_ema,
                                     config=OmegaConf.to_yaml(config))
             logger.info("fine-tuned weights: %s", export)

@@ -33,6 +33,13 @@ EVAL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+# Optional, for fitting training in GPU memory (README, "Fitting in GPU memory"): LoRA adapters (peft) and 8-bit AdamW
+# (bitsandbytes). Neither depends on torchvision; both run on CPU (tests) and CUDA.
+MEMORY_REQUIRES = [
+    "peft==0.21.2",
+    "bitsandbytes==0.50.2",
+]
+
 setup(
     name="instruct2dream",
     version="0.1.0",
@@ -40,5 +47,5 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES, "eval": EVAL_REQUIRES},
+    extras_require={"test": TEST_REQUIRES + MEMORY_REQUIRES, "eval": EVAL_REQUIRES, "memory": MEMORY_REQUIRES},
 )

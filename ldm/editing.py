@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import ema_key, load_model_weights, load_state_dict_file
 from ldm.errors import MissingFileError, UsageError
+from ldm.lora import apply_lora_files, is_peft_state, recorded_base_ema
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import Conditioning, DualCFGDenoiser, null_conditioning
 from ldm.models.diffusion.sampling import CompVisDenoiser, get_sampler
@@ -77,6 +78,7 @@ def load_model(
     ema: bool | None = None,
     device: torch.device | str = "cpu",
     tokenizer: str | None = None,
+    loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
 ) -> LoadedModel:
     """Build the model of ``config_path`` and load ``ckpt_path`` strictly for inference.
 
@@ -85,6 +87,9 @@ def load_model(
             None → EMA when the file has a complete EMA copy (the released InstructPix2Pix checkpoint), else the
             training weights (our fine-tuned exports store the chosen weights under ``model.*``).
         tokenizer: a local tokenizer folder or hub id for the text encoder (offline machines).
+        loras: ``(file, scale)`` LoRA files (kohya/A1111 layout) merged into the loaded weights, in order
+            (`ldm.lora.merge_lora_`: ``W += scale · alpha/r · up @ down``). With ``ema`` None, the UNet weights are
+            those the files record they were trained on (``base_weights`` metadata), when they agree.
     """
     config_path, ckpt_path = Path(config_path), Path(ckpt_path)
     if not config_path.is_file():
@@ -100,10 +105,21 @@ def load_model(
     params = config.model.setdefault("params", {})
     params.pop("ckpt_path", None)  # loaded below, once and strictly
     params["use_ema"] = False  # EMA weights, when wanted, are copied into model.* instead of kept twice
+    # A LoRA run's config trains adapters on top of the base: for inference its file is merged instead (``loras``),
+    # and the precision of every part is the caller's (``precision``), not the training run's memory settings.
+    params.pop("lora_config", None)
+    params.pop("frozen_dtype", None)
     if tokenizer is not None:
         params.cond_stage_config.setdefault("params", {})["tokenizer"] = tokenizer
     state = load_state_dict_file(ckpt_path)
+    if is_peft_state(state):
+        raise UsageError(f"{ckpt_path} is a LoRA run's checkpoint: edit with the base checkpoint and --lora "
+                         "<run>/export/lora.safetensors, or merge it first with scripts/export.py --merge")
     available = has_ema_weights(state)
+    if ema is None and loras:  # the UNet weights the LoRA files were trained on, when they say
+        ema = recorded_base_ema([path for path, _ in loras])
+        if ema is not None:
+            logger.info("using the %s UNet weights the LoRA file(s) were trained on", "EMA" if ema else "non-EMA")
     use_ema = available if ema is None else ema
     model = instantiate_from_config(config.model)
     load_model_weights(
@@ -115,6 +131,8 @@ def load_model(
     )
     del state
     logger.info("loaded %s (%s UNet weights)", ckpt_path, "EMA" if use_ema else "non-EMA")
+    if loras:
+        apply_lora_files(model.state_dict(), [path for path, _ in loras], [scale for _, scale in loras])
     model = model.to(device).eval()
     return LoadedModel(model=model, ckpt_path=ckpt_path, used_ema=use_ema)
 

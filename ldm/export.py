@@ -1,4 +1,4 @@
-"""Export fine-tuned weights alone (no optimizer state) in the original layout, as safetensors."""
+"""Export fine-tuned weights alone (no optimizer state) in the original layout, or a LoRA run's adapter: safetensors."""
 
 from __future__ import annotations
 
@@ -27,3 +27,18 @@ def export_weights(model: Any, path: str | os.PathLike[str], ema: bool | None = 
     if config is not None:
         metadata["config"] = config
     return save_safetensors(state, path, metadata)
+
+
+def export_lora(model: Any, path: str | os.PathLike[str], ema: bool | None = None) -> Path:
+    """Write a LoRA run's adapter alone in the kohya/A1111 layout (`ldm.lora`), with its settings as metadata.
+
+    ``ema`` picks the EMA of the adapter weights (default: when the model keeps an EMA).
+    """
+    from ldm.lora import lora_metadata, split_peft_state
+
+    use_ema = bool(getattr(model, "use_ema", False)) if ema is None else ema
+    _, adapter = split_peft_state(model.state_dict(), model.lora.lora_alpha, ema=use_ema)
+    base = getattr(model, "base_checkpoint", {}) or {}
+    metadata = lora_metadata(model.lora, base.get("path"), base.get("sha256"), base.get("ema"),
+                             global_step=str(getattr(model, "global_step", 0)), ema=str(use_ema).lower())
+    return save_safetensors(adapter, path, metadata)

@@ -74,7 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ema.add_argument("--no-ema", dest="ema", action="store_false",
                      help="use the checkpoint's training (non-EMA) UNet weights")
     parser.add_argument("--compile", action="store_true",
-                    help="torch.compile the UNet (slow first call; pays off over many edits)")
+                        help="torch.compile the UNet (slow first call; pays off over many edits)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE",
+                        help="LoRA file (kohya/A1111 layout, e.g. a LoRA run's export/lora.safetensors) merged into "
+                        "the weights at load; repeat for several")
+    parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
+                        help="strength of the --lora files: one value for all, or one per --lora in order (default 1)")
     parser.add_argument("--tokenizer", default=None,
                         help="local CLIP tokenizer folder for offline machines (see README, 'Offline tokenizer')")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -86,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resolution must be at least 64, got {args.resolution}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.lora_scale and not args.lora:
+        parser.error("--lora-scale needs --lora")
     return args
 
 
@@ -174,8 +181,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ldm.data.transforms import image_to_tensor, load_for_edit, tensor_to_image
     from ldm.editing import compile_unet, decode_to_images, edit_latents, load_model, resolve_device
+    from ldm.lora import lora_scales
     from ldm.visualization import labelled_grid
 
+    scales = lora_scales(args.lora, args.lora_scale)
+    missing = [path for path in args.lora if not Path(path).is_file()]
+    if missing:
+        raise UsageError(f"--lora {missing[0]}: no such file")
     inputs = find_inputs(args.input)
     jobs, grids = plan_jobs(inputs, args.output, args.cfg_text, args.cfg_image)
     check_outputs(jobs, grids, inputs, args.overwrite)
@@ -186,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     logging.info("seed %d, device %s, precision %s", seed, device, precision)
-    loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer)
+    loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer,
+                        loras=list(zip(args.lora, scales)))
     if args.compile:
         compile_unet(loaded.model)
 
@@ -194,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
         "edit": args.edit, "seed": seed, "steps": args.steps, "sampler": args.sampler,
         "resolution": args.resolution, "ckpt": loaded.ckpt_path.name, "ema": loaded.used_ema,
     }
+    if args.lora:
+        metadata_base["lora"] = [{"file": Path(path).name, "scale": scale} for path, scale in zip(args.lora, scales)]
     results: dict[Job, object] = {}
     # Same-size edits share a batch; the seed makes each edit independent of how it was batched.
     by_size: dict[tuple[int, int], list[Job]] = {}

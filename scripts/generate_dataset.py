@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="the checkpoint's EMA UNet weights")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="the checkpoint's training UNet weights")
     p.add_argument("--compile", action="store_true",
-                    help="torch.compile the UNet (slow first call; pays off over many edits)")
+                   help="torch.compile the UNet (slow first call; pays off over many edits)")
     p.add_argument("--tokenizer", default=None, help="local CLIP tokenizer folder for offline machines")
     p.add_argument("--filter", choices=("none", "clip"), default="none",
                    help="clip: edit each photo --candidates times and keep the edit InstructPix2Pix's CLIP filter "

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment: CPU torch, the pinned dependencies, this package.
 # Usage: bash scripts/setup_env.sh [--test]    (--test adds the test-only packages: diffusers, scikit-image, pytest,
-#                                              and the optional `eval` extra: matplotlib for evaluation plots)
+#                                              and the optional extras: `eval` (matplotlib, evaluation plots) and
+#                                              `memory` (peft, bitsandbytes: LoRA and 8-bit AdamW))
 # Set VENV to use another folder (default .venv at the repository root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test,eval]"
+[ "${1:-}" = "--test" ] && extras="[test,eval,memory]"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0                      # the CPU wheel here; a plain `torch` would pull a multi-GB CUDA build

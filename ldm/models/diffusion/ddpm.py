@@ -20,6 +20,7 @@ from ldm import rng
 from ldm.models.diffusion import schedule as sched
 from ldm.models.diffusion.conditioning import JointDropout, mask_image, mask_text
 from ldm.models.diffusion.losses import diffusion_loss, prior_preservation_loss
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
@@ -84,6 +85,9 @@ class DDPM(pl.LightningModule):
             it (InstructPix2Pix inference); otherwise the EMA starts from the loaded weights (fine-tuning).
         parameterization: what the network predicts, ``"eps"`` (SD v1) or ``"x0"``.
         init_from_ema: when loading ``ckpt_path``, take the UNet weights from the file's EMA copy.
+        lora_config: train LoRA adapters instead of the UNet weights (`ldm.lora.LoraSettings`: ``rank``, ``alpha``,
+            ``targets``, ``text_encoder``); the base weights stay frozen, an EMA tracks the adapters alone.
+        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, 8-bit optimizer states).
     """
 
     def __init__(
@@ -120,8 +124,13 @@ class DDPM(pl.LightningModule):
         unfreeze_model: bool = True,
         embedding_reg_weight: float | None = None,
         model_lr: float | None = None,
+        lora_config: Mapping[str, Any] | None = None,
+        optimizer: str = "adamw",
     ) -> None:
         super().__init__()
+        from ldm.lora import LoraSettings
+        from ldm.optim import check_optimizer_name
+
         if parameterization not in ("eps", "x0"):
             raise ValueError(f"parameterization must be 'eps' or 'x0', got {parameterization!r}")
         if loss_type not in ("l1", "l2"):
@@ -145,13 +154,16 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.scheduler_config = scheduler_config
         self.unfreeze_model = unfreeze_model
+        self.lora = LoraSettings.from_config(lora_config)
+        self.optimizer_name = check_optimizer_name(optimizer)
+        self.base_checkpoint: dict[str, Any] = {}  # ckpt_path: path, sha256, EMA weights or not (for LoRA files)
         self.learning_rate = 1.0e-4  # main.py sets it from base_learning_rate (and --scale_lr)
         self.train_seed = 0  # main.py sets it from --seed; noise and timesteps derive from (seed, rank, step)
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
         self.load_ema = load_ema
-        if use_ema and load_ema:
+        if use_ema and load_ema and self.lora is None:
             self.model_ema = LitEma(self.model)
 
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
@@ -167,12 +179,14 @@ class DDPM(pl.LightningModule):
         self._init_from_ema = init_from_ema
 
     def finish_init(self) -> None:
-        """Load ``ckpt_path`` and, for ``use_ema`` without ``load_ema``, build the EMA from the loaded weights."""
+        """Load ``ckpt_path``, add the LoRA adapters, and build the EMA from the loaded weights (or adapters)."""
         if self._ckpt_path:
             self.init_from_ckpt(self._ckpt_path, self._ignore_keys, only_model=self._load_only_unet)
-        if self.use_ema and not self.load_ema:
+        if self.lora is not None:
+            self.add_lora_adapters()
+        if self.use_ema and (not self.load_ema or self.lora is not None):
             self.model_ema = LitEma(self.model)
-        if not self.unfreeze_model:
+        if not self.unfreeze_model and self.lora is None:
             self.model.eval()
             self.model.requires_grad_(False)
 
@@ -208,9 +222,15 @@ class DDPM(pl.LightningModule):
 
     def ignorable_keys(self) -> list[str]:
         """Regexes of checkpoint keys this model may meet and legitimately not use."""
-        if not self.use_ema or not self.load_ema:
-            return [r"^model_ema\."]  # no EMA here, or the EMA is rebuilt from the loaded weights
+        if not self.use_ema or not self.load_ema or self.lora is not None:
+            return [r"^model_ema\."]  # no EMA here, or the EMA is rebuilt from the loaded weights (or adapters)
         return []
+
+    def add_lora_adapters(self) -> None:
+        """LoRA adapters on the UNet (`ldm.lora.add_adapters`); every other UNet weight is frozen."""
+        from ldm.lora import add_adapters
+
+        add_adapters(self.model.diffusion_model, self.lora.rank, self.lora.lora_alpha, self.lora.targets, "UNet")
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
         """Load ``path`` strictly (after the named migrations of `ldm.checkpoint`); ``ignore_keys`` are prefixes."""
@@ -226,6 +246,10 @@ class DDPM(pl.LightningModule):
             target, state, source=str(path), migrations=self.ckpt_migrations(), ignorable=self.ignorable_keys()
         )
         logger.info("restored %s from %s", type(target).__name__, path)
+        if self.lora is not None:  # LoRA files name the weights they were trained on
+            from ldm.fileio import sha256_file
+
+            self.base_checkpoint = {"path": str(path), "sha256": sha256_file(path), "ema": self._init_from_ema}
 
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
@@ -233,14 +257,15 @@ class DDPM(pl.LightningModule):
         if not self.use_ema:
             yield
             return
-        self.model_ema.store(self.model.parameters())
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # what the EMA shadows (not a frozen base)
+        self.model_ema.store(trained)
         self.model_ema.copy_to(self.model)
         if context is not None:
             logger.info("%s: switched to EMA weights", context)
         try:
             yield
         finally:
-            self.model_ema.restore(self.model.parameters())
+            self.model_ema.restore(trained)
             if context is not None:
                 logger.info("%s: restored training weights", context)
 
@@ -267,6 +292,9 @@ class LatentDiffusion(DDPM):
         conditioning_dropout: ``{text, both, image}`` probabilities of InstructPix2Pix's joint dropout during
             training (`conditioning.JointDropout`); default 5% each, as InstructPix2Pix was trained, so the
             unconditional branches that guidance uses at inference keep being trained; ``{}`` values of 0 disable it.
+        frozen_dtype: ``fp16`` or ``bf16`` holds the frozen VAE (and a frozen text encoder's weights) in half
+            precision: half their memory; inputs are cast to it and outputs back to float32. Applied on every device
+            (on CPU, fp16 kernels are slow: prefer bf16 there).
     """
 
     def __init__(
@@ -284,6 +312,7 @@ class LatentDiffusion(DDPM):
         reg_weight: float = 1.0,
         conditioning_dropout: Mapping[str, float] | None = None,
         personalization_config: Mapping[str, Any] | None = None,
+        frozen_dtype: str | None = None,
         **ddpm_kwargs: Any,
     ) -> None:
         if conditioning_key is None:
@@ -305,9 +334,14 @@ class LatentDiffusion(DDPM):
         self.scale_factor = float(scale_factor)
         self.reg_weight = float(reg_weight)
         self.conditioning_dropout = JointDropout(**(conditioning_dropout or {}))
+        self.frozen_dtype = None  # set below, once the weights are loaded in float32
+        frozen = _half_dtype(frozen_dtype)
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
         self.finish_init()
+        self.frozen_dtype = frozen
+        if self.frozen_dtype is not None:
+            self.cast_frozen_parts(self.frozen_dtype)
 
     def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
         """Build the autoencoder, frozen and in eval mode for good."""
@@ -328,6 +362,33 @@ class LatentDiffusion(DDPM):
             model.requires_grad_(False)
         self.cond_stage_model = model
 
+    def add_lora_adapters(self) -> None:
+        """LoRA on the UNet and, with ``lora_config.text_encoder``, on the text encoder; no other weight trains."""
+        from ldm.lora import add_adapters
+
+        super().add_lora_adapters()
+        if self.lora.text_encoder:
+            add_adapters(self.cond_stage_model, self.lora.rank, self.lora.lora_alpha, self.lora.text_encoder_targets,
+                         "text encoder")
+            return
+        if self.cond_stage_trainable:
+            logger.info("LoRA run: the text encoder stays frozen (lora_config.text_encoder adds adapters to it)")
+        self.cond_stage_trainable = False
+        self.cond_stage_model.eval()
+        self.cond_stage_model.requires_grad_(False)
+
+    def cast_frozen_parts(self, dtype: torch.dtype) -> None:
+        """Hold the VAE, and the text encoder's frozen weights, in ``dtype`` (adapters, trained weights stay fp32)."""
+        if dtype == torch.float16 and not torch.cuda.is_available():
+            logger.warning("frozen_dtype fp16 without CUDA: CPU fp16 kernels are slow, bf16 is the CPU choice")
+        self.first_stage_model.to(dtype)
+        if self.cond_stage_trainable and not (self.lora is not None and self.lora.text_encoder):
+            logger.info("frozen_dtype: the text encoder trains, so it stays in float32")
+            return
+        for param in self.cond_stage_model.parameters():
+            if not param.requires_grad and param.is_floating_point():
+                param.data = param.data.to(dtype)
+
     def train(self, mode: bool = True) -> LatentDiffusion:
         """Switch training mode; the frozen parts (VAE, a frozen text encoder) always stay in eval mode."""
         super().train(mode)
@@ -339,13 +400,18 @@ class LatentDiffusion(DDPM):
     def get_learned_conditioning(self, c: Sequence[str]) -> torch.Tensor:
         """Text → cross-attention context (B, L, D)."""
         if self.cond_stage_forward is not None:
-            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
-        return self.cond_stage_model.encode(c)
+            out = getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        else:
+            out = self.cond_stage_model.encode(c)
+        return out.float() if self.frozen_dtype is not None else out
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
         """Pixels in [-1, 1] (B, 3, H, W) → the posterior distribution (``.mode()``/``.sample()``), unscaled."""
-        return self.first_stage_model.encode(x)
+        if self.frozen_dtype is None:
+            return self.first_stage_model.encode(x)
+        posterior = self.first_stage_model.encode(x.to(self.frozen_dtype))
+        return DiagonalGaussianDistribution(posterior.parameters.float(), posterior.deterministic)
 
     def get_first_stage_encoding(self, posterior: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample the posterior and apply ``scale_factor`` (the diffusion target's latent)."""
@@ -358,7 +424,9 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent (B, 4, h, w) → pixels (B, 3, 8h, 8w) in about [-1, 1]."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+        if self.frozen_dtype is None:
+            return self.first_stage_model.decode(z / self.scale_factor)
+        return self.first_stage_model.decode((z / self.scale_factor).to(self.frozen_dtype)).float()
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """Run the UNet; ``cond`` is a dict ``{"c_concat": [...], "c_crossattn": [...]}`` or a bare tensor."""
@@ -461,36 +529,55 @@ class LatentDiffusion(DDPM):
             self.log_dict({f"val/{k}_ema": v for k, v in parts.items()}, on_epoch=True, batch_size=size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the global RNG states (data order and augmentations draw from them) so a resume is exact."""
+        """Store the global RNG states (data order and augmentations draw from them) so a resume is exact.
+
+        A LoRA run also stores its settings and base checkpoint (``checkpoint["lora"]``): `scripts/export.py` needs
+        alpha to merge or extract the adapters.
+        """
         checkpoint["rng_states"] = rng.collect_states()
+        if self.lora is not None:
+            checkpoint["lora"] = {**self.lora.as_dict(), "base_checkpoint": dict(self.base_checkpoint)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the RNG states saved by `on_save_checkpoint` (older checkpoints have none)."""
         if "rng_states" in checkpoint:
             rng.restore_states(checkpoint["rng_states"])
+        if self.lora is not None and "lora" in checkpoint:
+            self.base_checkpoint = dict(checkpoint["lora"].get("base_checkpoint", {}))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """UNet (``unfreeze_model``), text encoder (``cond_stage_trainable``), ``logvar`` (``learn_logvar``)."""
+        """UNet (``unfreeze_model``) or its LoRA adapters, text encoder (``cond_stage_trainable``) or its adapters,
+        ``logvar`` (``learn_logvar``)."""
         params: list[nn.Parameter] = []
-        if self.unfreeze_model:
+        if self.unfreeze_model or self.lora is not None:
             params += [p for p in self.model.parameters() if p.requires_grad]
-        if self.cond_stage_trainable:
+        if self.cond_stage_trainable or (self.lora is not None and self.lora.text_encoder):
             params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
         if self.learn_logvar:
             params.append(self.logvar)
         return params
 
     def configure_optimizers(self) -> Any:
-        """AdamW on the trainable parts at ``learning_rate``; ``scheduler_config`` adds a per-step LambdaLR."""
+        """``optimizer`` on the trainable parts at ``learning_rate``; ``scheduler_config`` adds a per-step LambdaLR."""
+        from ldm.optim import build_optimizer
+
         params = self.trainable_parameters()
         if not params:
             raise ValueError("nothing to train: set unfreeze_model or cond_stage_trainable in the model config")
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate)
+        optimizer = build_optimizer(self.optimizer_name, params, self.learning_rate)
         if not self.scheduler_config:
             return optimizer
         schedule = instantiate_from_config(self.scheduler_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def _half_dtype(name: str | None) -> torch.dtype | None:
+    """``frozen_dtype`` → torch dtype (None keeps float32)."""
+    dtypes = {None: None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise ConfigError(f"frozen_dtype {name!r}: choose fp16, bf16 or leave it unset")
+    return dtypes[name]
 
 
 def _to_chw(x: torch.Tensor) -> torch.Tensor:
