@@ -256,13 +256,14 @@ def blank(size: int = 128):
     return Image.new("RGB", (size, size), (235, 235, 235))
 
 
-def make_grid(out: Path, subjects: tuple[Subject, ...], rows: int, runs: dict[str, list[str]]) -> Path:
-    """Per subject, ``rows`` held-out circles: input | base (class prompt, and identifier prompt where run) | each
-    fine-tuned model's identifier and class edits; tiles 128 px (2× nearest), each labelled."""
+def make_grid(out: Path, subjects: tuple[Subject, ...], rows: int) -> Path:
+    """Per subject, ``rows`` held-out circles: input | the class and identifier edits of every model (a column per
+    model and prompt run for some subject; grey where not run for this one); tiles 128 px (2× nearest), labelled."""
     from ldm.visualization import labelled_grid
 
     short = {"base": "base", "finetuned_reg": "reg", "finetuned_noreg": "no-reg"}
-    columns = [(model, kind) for model in MODELS for kind in PROMPT_KINDS]
+    columns = [(model, kind) for model in MODELS for kind in PROMPT_KINDS  # those run for at least one subject
+               if any((out / "edits" / s.slug / model / kind).is_dir() for s in subjects)]
     cells, labels = [], []
     for subject in subjects:
         for index in range(rows):
@@ -499,7 +500,7 @@ def demo(args: argparse.Namespace) -> int:
     (out / "metrics.json").write_text(json.dumps({
         "table": table, "per_subject": per_subject, "per_image": per_image, "losses": losses, "timings_s": timings,
         "subjects": [asdict(s) for s in subjects], "settings": vars(args)}, indent=1) + "\n")
-    make_grid(out, subjects, min(args.grid_rows, args.heldout), runs)
+    make_grid(out, subjects, min(args.grid_rows, args.heldout))
     make_pairs_grid(out, subjects, min(2, args.subject_photos * args.samples_per_image, args.reg_pairs))
     make_loss_plot(out, losses)
     make_metrics_chart(out, table)
