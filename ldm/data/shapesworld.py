@@ -37,6 +37,10 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
 )
 SUBJECT_SHAPE = "star"
 SUBJECT_STRIPES = ((235, 30, 200), (20, 225, 235))  # magenta / cyan: neither is a colour word of the world
+SUBJECT_CHECKS = ((110, 20, 170), (255, 160, 200))  # purple / pink checkerboard
+SUBJECT_DOTS = ((0, 130, 130), (255, 200, 140))  # peach dots on teal
+# Fills no base prompt can describe (never in the base model's data): "subject" is the original striped subject.
+PATTERNS = ("subject", "checkered", "dotted")
 SUPERSAMPLE = 4
 
 
@@ -44,7 +48,8 @@ SUPERSAMPLE = 4
 class Scene:
     """Ground truth of one image: a background, and an object ``shape`` at centre (cx, cy) with radius ``r``.
 
-    ``fill`` is a colour name of `COLOURS`, or ``"subject"`` for the subject's striped pattern. The background
+    ``fill`` is a colour name of `COLOURS`, or a subject pattern of `PATTERNS` (``"subject"``: magenta/cyan
+    diagonal stripes, ``"checkered"``: a purple/pink checkerboard, ``"dotted"``: peach dots on teal). The background
     is ``bg_top`` → ``bg_bottom`` (equal colours: solid; otherwise a vertical gradient).
     """
 
@@ -60,8 +65,8 @@ class Scene:
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
             raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
-        if self.fill != "subject" and self.fill not in COLOURS:
-            raise ValueError(f"unknown fill {self.fill!r}; expected 'subject' or one of {tuple(COLOURS)}")
+        if self.fill not in PATTERNS and self.fill not in COLOURS:
+            raise ValueError(f"unknown fill {self.fill!r}; expected one of {PATTERNS + tuple(COLOURS)}")
 
 
 def random_scene(rng: np.random.Generator, size: int = 64, shape: str | None = None, fill: str | None = None) -> Scene:
@@ -114,15 +119,32 @@ def background(scene: Scene) -> np.ndarray:
 
 
 def fill_pattern(scene: Scene) -> np.ndarray:
-    """The object's paint (H, W, 3) in [0, 1]: a flat colour, or the subject's diagonal stripes anchored to it."""
-    if scene.fill != "subject":
+    """The object's paint (H, W, 3) in [0, 1]: a flat colour, or a subject pattern anchored to the object.
+
+    Patterns scale with the object (about five stripes, four checks or four rows of dots across it), so every photo
+    of a subject shows the same pattern whatever its size and position.
+    """
+    if scene.fill in COLOURS:
         colour = np.asarray(COLOURS[scene.fill], dtype=np.float32) / 255.0
         return np.broadcast_to(colour, (scene.size, scene.size, 3)).copy()
     y, x = np.mgrid[0 : scene.size, 0 : scene.size].astype(np.float32) + 0.5
-    period = max(scene.r / 2.5, 3.0)  # about five stripes across the object, whatever its size
-    band = np.floor(((x - scene.cx) + (y - scene.cy)) / period).astype(np.int64) % 2  # (H, W)
-    stripes = np.asarray(SUBJECT_STRIPES, dtype=np.float32) / 255.0  # (2, 3)
-    return stripes[band]
+    u, v = x - scene.cx, y - scene.cy
+    if scene.fill == "subject":
+        period = max(scene.r / 2.5, 3.0)
+        band = np.floor((u + v) / period).astype(np.int64) % 2  # (H, W)
+        palette = SUBJECT_STRIPES
+    elif scene.fill == "checkered":
+        period = max(scene.r / 2.0, 3.0)
+        band = (np.floor(u / period) + np.floor(v / period)).astype(np.int64) % 2
+        palette = SUBJECT_CHECKS
+    else:  # dotted: a dot of radius 0.3 periods in every cell of a grid centred on the object
+        period = max(scene.r / 2.0, 4.0)
+        du = u / period - np.round(u / period)
+        dv = v / period - np.round(v / period)
+        band = (du**2 + dv**2 < 0.3**2).astype(np.int64)
+        palette = SUBJECT_DOTS
+    colours = np.asarray(palette, dtype=np.float32) / 255.0  # (2, 3)
+    return colours[band]
 
 
 def render(scene: Scene) -> np.ndarray:
