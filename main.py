@@ -116,6 +116,8 @@ def get_parser() -> argparse.ArgumentParser:
     memory.add_argument("--frozen_dtype", choices=("fp16", "bf16"), default=None,
                         help="hold the frozen VAE (and a frozen text encoder) in half precision "
                         "(model.params.frozen_dtype)")
+    memory.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet in place (same checkpoint keys; the first steps compile)")
     memory.add_argument("--strategy", type=str, default=None,
                         help="Lightning strategy (lightning.trainer.strategy): ddp, fsdp (CUDA only), "
                         "deepspeed_stage_2 (deepspeed must be installed), ...")
@@ -407,6 +409,10 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     data.prepare_data()  # builds and validates the datasets: every bad file is reported before the model loads
     model = instantiate_from_config(config.model)
     model.train_seed = seed
+    if opt.compile:
+        from ldm.editing import compile_unet
+
+        compile_unet(model)
     batch_size = int(config.get("data", {}).get("params", {}).get("batch_size", 1))
     base_lr = float(config.model.get("base_learning_rate", 1.0e-4))
     accumulate = int(settings.get("accumulate_grad_batches", 1))

@@ -411,3 +411,11 @@ def test_mixed_precision_training_step_runs():
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 for g in grads)
+
+
+@pytest.mark.slow  # torch.compile of even the tiny UNet takes ~30-60 s on a CPU
+def test_compile_flag_trains_with_unchanged_checkpoint_keys(workspace, straight_run):
+    run_main(workspace, *base_args(workspace), "-t", "-n", "compiled", "--max_steps", "2", "--compile", NO_IMAGES)
+    compiled = read_checkpoint(run_dir(workspace, "compiled") / "checkpoints" / "last.ckpt")["state_dict"]
+    eager = read_checkpoint(straight_run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert compiled.keys() == eager.keys()  # no _orig_mod. prefix: exports and resumes keep the original names
