@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--finetune_steps", type=int, default=100, help="main.py --max_steps of each fine-tune")
     demo.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
     demo.add_argument("--batch", type=int, default=4, help="subject pairs (and as many regularization pairs) per step")
+    demo.add_argument("--dino", default=None, help="DINO ViT-S/16 (hub id or folder) for the learned metrics; "
+                      "without --dino and --clip they are computed with random-weight encoders (pipeline check only)")
+    demo.add_argument("--clip", default=None, help="CLIP ViT-B/32 (hub id or folder) for the learned metrics")
     demo.add_argument("--base_identifier", action="store_true",
                       help="also edit with the base model and the identifier prompt (its subject fidelity)")
     demo.add_argument("--steps", type=int, default=12, help="sampling steps of every edit and generated pair")
@@ -210,6 +214,46 @@ def score_edits(folder: Path, scenes: list[sw.Scene], subject: Subject) -> dict[
         scores["class_error"].append(float(np.abs(edited - generic)[region > 0.5].mean()))
         scores["background_change"].append(sw.background_change(edited, sw.render(scene), region))
     return scores
+
+
+LEARNED_METRICS = ("dino_subject", "clip_i_subject", "clip_t", "bg_l1", "bg_ssim")
+
+
+def learned_scores(out: Path, subjects: tuple[Subject, ...], heldout: list[sw.Scene],
+                   edits: dict[str, list[tuple[str, str]]], dino: str | None, clip: str | None) -> dict[str, Any]:
+    """scripts/evaluate.py's metrics (DINO / CLIP subject fidelity, CLIP-T, background) of every edit run, next to
+    the ground-truth ones: mean over the subjects of the per-image means, per (model, prompt kind).
+
+    The subject region is the ground truth (where the circle was or the new object should be), the references are
+    the subject's photos. Without ``dino`` and ``clip``, random-weight encoders stand in and ``real`` is False.
+    """
+    from PIL import Image
+
+    from ldm.evaluation.metrics import target_caption
+    from ldm.evaluation.models import load_clip, load_dino, random_encoders
+    from ldm.evaluation.scoring import EditSample, EditScorer
+
+    real = bool(dino and clip)
+    encoders = (load_dino(dino), load_clip(clip)) if real else random_encoders()
+    scorer = EditScorer(*encoders)
+    sources = [Image.open(out / "heldout" / f"{i:03d}.png").convert("RGB") for i in range(len(heldout))]
+    per_run: dict[str, list[dict[str, float]]] = {}
+    for subject in subjects:
+        photos = sorted((out / "photos" / subject.slug).glob("*.png"))
+        references = scorer.references([Image.open(p).convert("RGB") for p in photos])
+        for model, kind in edits[subject.slug]:
+            samples = []
+            for index, scene in enumerate(heldout):
+                target = sw.Scene(**{**asdict(scene), "shape": subject.shape})
+                region = np.maximum(sw.object_mask(target), sw.object_mask(scene)) > 0.5
+                edited = Image.open(out / "edits" / subject.slug / model / kind / f"{index:03d}.png").convert("RGB")
+                samples.append(EditSample(edited, target_caption(subject.prompt(kind), IDENTIFIER), sources[index], region))
+            rows = scorer.score(samples, references)
+            per_run.setdefault(f"{model}/{kind}", []).append({m: float(np.mean([r[m] for r in rows]))
+                                                              for m in LEARNED_METRICS})
+    table = {run: {m: float(np.mean([row[m] for row in rows])) for m in LEARNED_METRICS}
+             for run, rows in per_run.items()}
+    return {"real": real, "models": [e.source for e in encoders], "table": table}
 
 
 def subject_row(prompts: dict[str, dict[str, list[float]]]) -> dict[str, float]:
@@ -369,8 +413,24 @@ def cell_text(entry: dict[str, float] | None) -> str:
     return "—" if entry is None else f"{entry['mean']:.3f} ± {entry['std']:.3f}"
 
 
+def learned_lines(learned: dict[str, Any]) -> list[str]:
+    """The report's section of scripts/evaluate.py's metrics, with the caveat when the encoders are random."""
+    lines = ["## The field's metrics (scripts/evaluate.py), next to the ground-truth ones", ""]
+    if learned["real"]:
+        lines += [f"Encoders: {', '.join(learned['models'])}. Mean over the subjects; subject region = ground truth.", ""]
+    else:
+        lines += ["**Caveat: computed with random-weight encoders** (no DINO / CLIP weights here; pass `--dino` and "
+                  "`--clip` for real numbers). These numbers only show that the pipeline runs; they say nothing about "
+                  "the edits.", ""]
+    lines += ["| model, prompt | " + " | ".join(LEARNED_METRICS) + " |", "|---|" + "---|" * len(LEARNED_METRICS)]
+    for run, row in learned["table"].items():
+        model, kind = run.split("/")
+        lines.append(f"| {MODEL_LABELS[model]}, {kind} | " + " | ".join(f"{row[m]:.3f}" for m in LEARNED_METRICS) + " |")
+    return lines + [""]
+
+
 def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subject, ...], timings: dict[str, float],
-                 args: argparse.Namespace) -> Path:
+                 args: argparse.Namespace, learned: dict[str, Any] | None = None) -> Path:
     """``report.md``: the table (mean ± spread over subjects), per-subject numbers, the pictures and the timings."""
     names = ", ".join(f'{s.name} ("sks {s.shape}")' for s in subjects)
     lines = [
@@ -495,16 +555,18 @@ def demo(args: argparse.Namespace) -> int:
             per_image[subject.slug].setdefault(model, {})[kind] = score_edits(folder, heldout, subject)
         per_subject[subject.slug] = {model: subject_row(prompts) for model, prompts in per_image[subject.slug].items()}
     table = summarize(per_subject)
+    learned = learned_scores(out, subjects, heldout, edits, args.dino, args.clip)
     timings = dict(progress.timings)
     timings["total"] = time.perf_counter() - start
     (out / "metrics.json").write_text(json.dumps({
-        "table": table, "per_subject": per_subject, "per_image": per_image, "losses": losses, "timings_s": timings,
+        "table": table, "per_subject": per_subject, "per_image": per_image, "losses": losses, "learned": learned,
+        "timings_s": timings,
         "subjects": [asdict(s) for s in subjects], "settings": vars(args)}, indent=1) + "\n")
     make_grid(out, subjects, min(args.grid_rows, args.heldout))
     make_pairs_grid(out, subjects, min(2, args.subject_photos * args.samples_per_image, args.reg_pairs))
     make_loss_plot(out, losses)
     make_metrics_chart(out, table)
-    report = write_report(out, table, per_subject, subjects, timings, args)
+    report = write_report(out, table, per_subject, subjects, timings, args, learned)
     logger.info("report: %s (%.0f s in total)", report, timings["total"])
     logger.info("\n%s", "\n".join(report.read_text().splitlines()[:12 + len(MODELS)]))
     return 0

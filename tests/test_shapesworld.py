@@ -208,3 +208,31 @@ def test_the_method_works_in_shapesworld(tmp_path):
     assert not missed, "; ".join(missed)
     for picture in ("grid.png", "pairs.png", "losses.png", "metrics.png"):
         assert (out / picture).stat().st_size > 1000 and f"({picture})" in (out / "report.md").read_text()
+
+
+def test_learned_metrics_sit_beside_the_ground_truth_ones_with_the_caveat(tmp_path):
+    """The demo's evaluate.py metrics, here with random-weight encoders: an unedited image keeps its background
+    exactly (L1 0, SSIM 1); an edit that changes the background scores worse; the report states the caveat."""
+    import argparse
+
+    from scripts import shapesworld as demo
+
+    subjects = demo.SUBJECTS[:1]
+    args = argparse.Namespace(seed=0, reg_photos=1, subject_photos=2, heldout=3)
+    heldout = demo.make_world(tmp_path, args, subjects)
+    slug = subjects[0].slug
+    for kind, shift in (("class", 0.0), ("identifier", 0.3)):
+        folder = tmp_path / "edits" / slug / "base" / kind
+        for index, item in enumerate(heldout):
+            pixels = np.clip(sw.render(item) + shift, 0, 1)  # "identifier": every pixel brightened
+            folder.mkdir(parents=True, exist_ok=True)
+            sw.to_pil(pixels).save(folder / f"{index:03d}.png")
+    learned = demo.learned_scores(tmp_path, subjects, heldout, {slug: [("base", "class"), ("base", "identifier")]},
+                                  None, None)
+    assert not learned["real"] and all("random weights" in m for m in learned["models"])
+    unchanged, changed = learned["table"]["base/class"], learned["table"]["base/identifier"]
+    assert unchanged["bg_l1"] == 0 and unchanged["bg_ssim"] == pytest.approx(1.0)
+    assert changed["bg_l1"] > 0.1 and changed["bg_ssim"] < unchanged["bg_ssim"]
+    assert all(math.isfinite(v) for row in learned["table"].values() for v in row.values())
+    text = "\n".join(demo.learned_lines(learned))
+    assert "random-weight encoders" in text and "| base model, identifier |" in text

@@ -185,3 +185,27 @@ def load_clip(source: str = CLIP_ID, device: torch.device | str = "cpu", option:
     device = torch.device(device)
     tokenizer = _clip_tokenizer(source, option, CLIP_ID)
     return ClipEncoder(model.eval().to(device), tokenizer, source, device)
+
+
+def random_encoders(seed: int = 0, device: torch.device | str = "cpu") -> tuple[DinoEncoder, ClipEncoder]:
+    """Small DINO-shaped and CLIP-shaped encoders with random weights and CLIP's real tokenizer.
+
+    For showing the evaluation pipeline where the real models cannot be had (offline demos): the numbers they give
+    measure nothing about the images and must be reported with that caveat.
+    """
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from ldm.modules.encoders.tokenizer import build_clip_tokenizer
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+        dino = ViTModel(ViTConfig(**layers, image_size=224, patch_size=16), add_pooling_layer=False)
+        text = {**layers, "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+                "eos_token_id": 49407, "pad_token_id": 49407}
+        clip = CLIPModel(CLIPConfig(text_config=text, vision_config={**layers, "image_size": 224, "patch_size": 32},
+                                    projection_dim=16))
+    source = f"random weights (seed {seed})"
+    return (DinoEncoder(dino.eval().to(device), source, device),
+            ClipEncoder(clip.eval().to(device), build_clip_tokenizer(), source, device))
