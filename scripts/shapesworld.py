@@ -473,6 +473,7 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         "pairs, per subject:", "", "![pairs](pairs.png)", "",
         "Edits of held-out circles (per subject; columns: input | base, reg and no-reg model, each with the class "
         "and the identifier prompt):", "", "![grid](grid.png)", "",
+        *(learned_lines(learned) if learned else []),
         "| stage | seconds |", "|---|---|",
     ]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in timings.items()]

@@ -236,3 +236,17 @@ def test_learned_metrics_sit_beside_the_ground_truth_ones_with_the_caveat(tmp_pa
     assert all(math.isfinite(v) for row in learned["table"].values() for v in row.values())
     text = "\n".join(demo.learned_lines(learned))
     assert "random-weight encoders" in text and "| base model, identifier |" in text
+
+
+def test_report_carries_the_learned_metrics_section(tmp_path):
+    import argparse
+
+    from scripts import shapesworld as demo
+
+    learned = {"real": False, "models": ["random weights (seed 0)"] * 2,
+               "table": {"base/class": {m: 0.5 for m in demo.LEARNED_METRICS}}}
+    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, seed=0, finetune_steps=1, lr=1e-4,
+                              batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1)
+    report = demo.write_report(tmp_path, {}, {demo.SUBJECTS[0].slug: {}}, demo.SUBJECTS[:1], {"total": 1.0}, args,
+                               learned).read_text()
+    assert "random-weight encoders" in report and "| base model, class | 0.500 |" in report
