@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment: CPU torch, the pinned dependencies, this package.
-# Usage: bash scripts/setup_env.sh [--test]    (--test adds the test-only packages: diffusers, scikit-image, pytest,
-#                                              and the optional extras: `eval` (matplotlib, evaluation plots) and
-#                                              `memory` (peft, bitsandbytes: LoRA and 8-bit AdamW))
+# Usage: bash scripts/setup_env.sh [--test]    (always the `eval` extra: matplotlib for the charts; --test adds the
+#                                              test-only packages: diffusers, scikit-image, pytest, and the
+#                                              `memory` extra: peft, bitsandbytes for LoRA and 8-bit AdamW)
 # Set VENV to use another folder (default .venv at the repository root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
-extras=""
+extras="[eval]"                                 # matplotlib: the main job's charts (no torchvision)
 [ "${1:-}" = "--test" ] && extras="[test,eval,memory]"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
