@@ -321,8 +321,10 @@ def check_something_to_do(opt: argparse.Namespace, config: Any) -> None:
         raise UsageError("nothing to do: pass -t/--train to train (or resume training with -r LOGDIR -t)")
 
 
-def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tuple[Path, Path | None, Any, Any, int]:
-    """(log dir, checkpoint to resume or None, config, lightning config, seed) for a new or a resumed run.
+def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str
+                ) -> tuple[Path, Path | None, Any, Any, dict[str, Any], int]:
+    """(log dir, checkpoint to resume or None, config, lightning config, Trainer settings, seed) for a new or a
+    resumed run.
 
     A new run takes its seed from ``--seed``, else the config's top-level ``seed``, else 23, and records it in the
     saved config. A resumed run takes config, seed and devices from its log dir; flags that would change them are
@@ -353,7 +355,7 @@ def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tupl
         for key in ("accelerator", "devices", "strategy", "precision", "num_nodes", "max_steps"):
             if key in settings:
                 OmegaConf.update(lightning_config, f"trainer.{key}", settings[key], force_add=True)
-        return logdir, None, config, lightning_config, seed
+        return logdir, None, config, lightning_config, settings, seed
 
     logdir, resume_ckpt = resolve_resume(opt.resume)
     saved_paths = [sorted(glob.glob(str(logdir / "configs" / f"*-{kind}.yaml")))[-1:] for kind in ("project", "lightning")]
@@ -383,7 +385,7 @@ def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str) -> tupl
         logger.warning("%s records no seed: resuming with --seed %d", saved_paths[0][0], seed)
         config.seed = seed
     config.model.params.pop("ckpt_path", None)  # the checkpoint restores every weight
-    return logdir, resume_ckpt, config, lightning_config, seed
+    return logdir, resume_ckpt, config, lightning_config, settings, seed
 
 
 def run(opt: argparse.Namespace, overrides: list[str]) -> int:
@@ -397,12 +399,11 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     # DDP re-runs this script for the other ranks: they must reuse the first rank's timestamp (same log dir).
     now = os.environ.get(RUN_TIMESTAMP_ENV) or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     os.environ[RUN_TIMESTAMP_ENV] = now
-    logdir, resume_ckpt, config, lightning_config, seed = resolve_run(opt, overrides, now)
+    logdir, resume_ckpt, config, lightning_config, settings, seed = resolve_run(opt, overrides, now)
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
     has_test = "test" in config.get("data", {}).get("params", {})
     if "model" not in config:
         raise UsageError(f"no 'model' section in {', '.join(opt.base) or opt.resume}")
-    settings = trainer_settings(opt, lightning_config)
     pl.seed_everything(seed, workers=True)
 
     data = instantiate_from_config(config.data, seed=seed)

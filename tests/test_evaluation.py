@@ -57,19 +57,12 @@ def processors():
 
 def save_tiny_encoders(folder: Path) -> tuple[Path, Path]:
     """Random-weight DINO (ViT, patch 16) and CLIP (ViT patch 32 + text) folders, CLIP with its tokenizer."""
-    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-
+    from ldm.evaluation.models import random_encoders
     from ldm.modules.encoders.tokenizer import save_clip_tokenizer
 
-    torch.manual_seed(0)
-    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    dino = ViTModel(ViTConfig(**layers, image_size=224, patch_size=16), add_pooling_layer=False)
-    dino.save_pretrained(folder / "dino")
-    text = {**layers, "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407,
-            "pad_token_id": 49407}
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config={**layers, "image_size": 224, "patch_size": 32},
-                                projection_dim=16))
-    clip.save_pretrained(folder / "clip")
+    dino, clip = random_encoders(seed=0)
+    dino.model.save_pretrained(folder / "dino")
+    clip.model.save_pretrained(folder / "clip")
     save_clip_tokenizer(folder / "clip")
     return folder / "dino", folder / "clip"
 
