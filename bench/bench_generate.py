@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 from ldm.data.transforms import fit_for_edit  # noqa: E402
 from ldm.editing import resolve_device  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
-from scripts.generate_dataset import OutputFolder, Pair, Photo, generate, pair_seed  # noqa: E402
+from ldm.data.pair_store import PairStore  # noqa: E402
+from scripts.generate_dataset import Pair, Photo, generate, pair_seed  # noqa: E402
 
 logger = logging.getLogger("bench_generate")
 
@@ -68,7 +69,7 @@ def time_case(model: Any, resolution: int, steps: int, batch: int, count: int, d
                      "replace the wolf with a sks dog", "input") for i in range(n)]
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = OutputFolder(Path(tmp) / "pairs")
+        folder = PairStore(Path(tmp) / "pairs")
         folder.open(force=False, photo_dirs=[])
         try:
             generate(model, plan(batch, 0), images, folder, record, batch, quiet=True)  # warm-up

@@ -14,7 +14,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Literal, Sequence
+from typing import Any, Callable, ContextManager, Hashable, Literal, Sequence, TypeVar
 
 import torch
 from omegaconf import OmegaConf
@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import ema_key, load_model_weights, load_state_dict_file
 from ldm.errors import MissingFileError, UsageError
 from ldm.lora import apply_lora_files, is_peft_state, recorded_base_ema
+from ldm.models.diffusion.conditioning import hybrid_conditioning
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import Conditioning, DualCFGDenoiser, null_conditioning
 from ldm.models.diffusion.sampling import CompVisDenoiser, get_sampler
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "bf16"]
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -47,6 +49,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """``auto`` → fp16 on CUDA, fp32 elsewhere; any other name is returned as it is."""
+    if name != "auto":
+        return name  # type: ignore[return-value]
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
 def autocast_for(device: torch.device, precision: Precision) -> ContextManager[Any]:
     """Mixed-precision context for ``precision`` (weights stay fp32, as InstructPix2Pix's own ``autocast``)."""
     if precision == "fp32":
@@ -60,6 +69,17 @@ def has_ema_weights(state: dict[str, torch.Tensor]) -> bool:
     """True when every UNet parameter of ``state`` has its LitEma twin."""
     unet = [k for k in state if k.startswith("model.diffusion_model.")]
     return bool(unet) and all(ema_key(k) in state for k in unet)
+
+
+def require_model_files(config_path: str | os.PathLike[str], ckpt_path: str | os.PathLike[str]) -> None:
+    """`MissingFileError` for a missing model config or checkpoint (the latter says how to download it)."""
+    if not Path(config_path).is_file():
+        raise MissingFileError(f"config not found: {config_path}")
+    if not Path(ckpt_path).is_file():
+        raise MissingFileError(
+            f"checkpoint not found: {ckpt_path} (download the InstructPix2Pix checkpoint with "
+            "`python scripts/download_checkpoint.py`, or pass --ckpt)"
+        )
 
 
 @dataclass
@@ -92,13 +112,7 @@ def load_model(
             those the files record they were trained on (``base_weights`` metadata), when they agree.
     """
     config_path, ckpt_path = Path(config_path), Path(ckpt_path)
-    if not config_path.is_file():
-        raise MissingFileError(f"config not found: {config_path}")
-    if not ckpt_path.is_file():
-        raise MissingFileError(
-            f"checkpoint not found: {ckpt_path} (download the InstructPix2Pix checkpoint with "
-            "`python scripts/download_checkpoint.py`, or pass --ckpt)"
-        )
+    require_model_files(config_path, ckpt_path)
     config = OmegaConf.load(config_path)
     if "model" not in config:
         raise UsageError(f"{config_path}: no 'model' section")
@@ -148,22 +162,29 @@ def compile_unet(model: Any, mode: str | None = None) -> Any:
     return model
 
 
-def _noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device) -> torch.Tensor:
-    """One standard-normal draw per sample, each from its own CPU generator: independent of batching and device."""
-    draws = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(draws).to(device)
+def same_size_batches(items: Sequence[T], size_of: Callable[[T], Hashable], batch_size: int) -> list[list[T]]:
+    """Group ``items`` by ``size_of`` (first-seen order) and cut each group into batches of ``batch_size``."""
+    by_size: dict[Hashable, list[T]] = {}
+    for item in items:
+        by_size.setdefault(size_of(item), []).append(item)
+    return [group[i : i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
 
 
-class _PerSampleNoise:
-    """Ancestral-step noise drawn per sample from seeded generators (reproducible whatever the batch)."""
+class PerSampleNoise:
+    """Standard-normal draws (B, *shape), sample ``i`` from its own CPU generator seeded ``seeds[i] + offset``:
+    reproducible whatever the batching and device. Called as a sampler's ancestral ``noise_sampler`` too."""
 
-    def __init__(self, shape: Sequence[int], seeds: Sequence[int], device: torch.device) -> None:
+    def __init__(self, shape: Sequence[int], seeds: Sequence[int], device: torch.device, offset: int = 0) -> None:
         self.shape = tuple(shape)
-        self.generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(int(s) + offset) for s in seeds]
         self.device = device
 
-    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    def draw(self) -> torch.Tensor:
+        """The next draw of every sample's generator, stacked on ``device``."""
         return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return self.draw()
 
 
 @torch.no_grad()
@@ -196,10 +217,10 @@ def edit_latents(
         cond_text = model.get_learned_conditioning(list(prompts))  # (B, 77, D)
         null_text = model.get_learned_conditioning([""])  # (1, 77, D)
         image_latent = model.encode_first_stage(images).mode()  # (B, 4, h, w), unscaled as in IP2P
-    cond = {"c_crossattn": [cond_text.float()], "c_concat": [image_latent.float()]}
+    cond = hybrid_conditioning(cond_text.float(), image_latent.float())
     uncond = null_conditioning(cond, null_text.float())
     latent_shape = image_latent.shape[1:]
-    noise = _noise(latent_shape, seeds, device) if initial_noise is None else initial_noise.to(device)
+    noise = PerSampleNoise(latent_shape, seeds, device).draw() if initial_noise is None else initial_noise.to(device)
     as_column = lambda values: torch.tensor(values, device=device, dtype=noise.dtype).view(-1, 1, 1, 1)  # noqa: E731
     text_scale, image_scale = as_column(text_scales), as_column(image_scales)  # (B, 1, 1, 1)
     if sampler == "ddim":
@@ -212,7 +233,7 @@ def edit_latents(
     extra_args = {"cond": cond, "uncond": uncond, "text_cfg_scale": text_scale, "image_cfg_scale": image_scale}
     kwargs: dict[str, Any] = {"extra_args": extra_args, "disable": not progress}
     if sampler != "euler":
-        kwargs["noise_sampler"] = _PerSampleNoise(latent_shape, seeds, device)
+        kwargs["noise_sampler"] = PerSampleNoise(latent_shape, seeds, device, offset=1)  # not the initial draw
     with autocast_for(device, precision):
         z = get_sampler(sampler)(DualCFGDenoiser(denoiser), z, sigmas, **kwargs)
     return z.float()

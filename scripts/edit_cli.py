@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import glob
 import itertools
-import json
 import logging
 import random
 import sys
@@ -26,12 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.errors import UsageError, UserError  # noqa: E402
+from ldm.cli import add_model_args, add_sampling_args, check_sampling_args, run_cli  # noqa: E402
+from ldm.errors import UsageError  # noqa: E402
 
-DEFAULT_CKPT = "models/instruct-pix2pix/instruct-pix2pix-00-22000.ckpt"
-DEFAULT_CONFIG = "configs/instruct-pix2pix/generate.yaml"
-SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim")
-METADATA_KEY = "instruct2dream"
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -53,44 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="an image file, a folder of images, or a quoted glob pattern")
     parser.add_argument("--output", required=True, help="output image file (one input, one setting) or folder")
     parser.add_argument("--edit", required=True, help='the instruction, e.g. "replace the wolf with a sks dog"')
-    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help="model weights (.ckpt or .safetensors, original layout)")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config (YAML, target/params)")
-    parser.add_argument("--steps", type=int, default=100, help="sampling steps")
-    parser.add_argument("--resolution", type=int, default=512,
-                        help="about this many pixels on the long side; both sides become multiples of 64")
-    parser.add_argument("--cfg-text", type=float, nargs="+", default=[7.5],
-                        help="text guidance scale s_T; several values make a sweep")
-    parser.add_argument("--cfg-image", type=float, nargs="+", default=[1.5],
-                        help="image guidance scale s_I; several values make a sweep")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn at random and recorded)")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="euler_ancestral", help="sampler")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                        help="autocast precision; auto = fp16 on CUDA, fp32 elsewhere")
+    add_model_args(parser, "model weights (.ckpt or .safetensors, original layout)")
+    add_sampling_args(parser, sweep=True, seed=None, seed_help="random seed (default: drawn at random and recorded)")
     parser.add_argument("--batch-size", type=int, default=1, help="edits per model call (same-size images only)")
-    ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
-                     help="use the checkpoint's EMA UNet weights (error if it has none)")
-    ema.add_argument("--no-ema", dest="ema", action="store_false",
-                     help="use the checkpoint's training (non-EMA) UNet weights")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the UNet (slow first call; pays off over many edits)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE",
                         help="LoRA file (kohya/A1111 layout, e.g. a LoRA run's export/lora.safetensors) merged into "
                         "the weights at load; repeat for several")
     parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
                         help="strength of the --lora files: one value for all, or one per --lora in order (default 1)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="local CLIP tokenizer folder for offline machines (see README, 'Offline tokenizer')")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.resolution < 64:
-        parser.error(f"--resolution must be at least 64, got {args.resolution}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_sampling_args(parser, args)
     if args.lora_scale and not args.lora:
         parser.error("--lora-scale needs --lora")
     return args
@@ -155,32 +125,14 @@ def check_outputs(jobs: list[Job], grids: dict, inputs: list[Path], overwrite: b
         raise UsageError(f"{len(existing)} output file(s) already exist ({shown}); pass --overwrite to replace them")
 
 
-def save_image(image, path: Path, metadata: dict) -> None:
-    """Write ``image`` atomically; PNGs carry ``metadata`` as JSON in a text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from ldm.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        if path.suffix.lower() == ".png":
-            info = PngInfo()
-            info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-            image.save(tmp, format="PNG", pnginfo=info)
-        else:
-            image.save(tmp, format=image_format(path), **({"quality": 95} if image_format(path) == "JPEG" else {}))
-
-
-def image_format(path: Path) -> str:
-    """PIL format name for an output suffix."""
-    return {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".png": "PNG"}[path.suffix.lower()]
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
     from ldm.data.transforms import image_to_tensor, load_for_edit, tensor_to_image
-    from ldm.editing import compile_unet, decode_to_images, edit_latents, load_model, resolve_device
+    from ldm.editing import (compile_unet, decode_to_images, edit_latents, load_model, resolve_device,
+                             resolve_precision, same_size_batches)
+    from ldm.image_io import save_image
     from ldm.lora import lora_scales
     from ldm.visualization import labelled_grid
 
@@ -195,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     images = {p: load_for_edit(p, args.resolution) for p in inputs}
 
     device = resolve_device(args.device)
-    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     logging.info("seed %d, device %s, precision %s", seed, device, precision)
     loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer,
@@ -211,10 +163,7 @@ def run(args: argparse.Namespace) -> int:
         metadata_base["lora"] = [{"file": Path(path).name, "scale": scale} for path, scale in zip(args.lora, scales)]
     results: dict[Job, object] = {}
     # Same-size edits share a batch; the seed makes each edit independent of how it was batched.
-    by_size: dict[tuple[int, int], list[Job]] = {}
-    for job in jobs:
-        by_size.setdefault(images[job.source].size, []).append(job)
-    batches = [group[i : i + args.batch_size] for group in by_size.values() for i in range(0, len(group), args.batch_size)]
+    batches = same_size_batches(jobs, lambda job: images[job.source].size, args.batch_size)
     with tqdm(total=len(jobs), desc="editing", unit="image", disable=args.quiet) as bar:
         for batch in batches:
             pixels = torch.stack([image_to_tensor(images[job.source]) for job in batch]).to(device)
@@ -239,16 +188,6 @@ def run(args: argparse.Namespace) -> int:
     for grid_path in grids.values():
         print(grid_path)
     return 0
-
-
-def run_cli(run_fn, args: argparse.Namespace) -> int:
-    """Run a CLI's ``run_fn(args)`` with logging set up; user errors print one line and exit with status 2."""
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        return run_fn(args)
-    except UserError as err:  # the user's input: the message alone; anything else is a bug and keeps its traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ldm.cli import run_cli  # noqa: E402
 from ldm.errors import UsageError  # noqa: E402
 from ldm.evaluation.models import CLIP_ID, DINO_ID  # noqa: E402
-from scripts.edit_cli import run_cli  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 

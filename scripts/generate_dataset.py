@@ -20,38 +20,27 @@ Unreadable photos stop the run, or with --skip-unreadable are skipped and listed
 from __future__ import annotations
 
 import argparse
-import fcntl
+import functools
 import hashlib
-import json
 import logging
-import os
-import re
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.errors import MissingFileError, UsageError  # noqa: E402
-from scripts.edit_cli import DEFAULT_CKPT, DEFAULT_CONFIG, METADATA_KEY, SAMPLER_NAMES, run_cli  # noqa: E402
+from ldm.cli import add_model_args, add_sampling_args, check_sampling_args, run_cli  # noqa: E402
+from ldm.data.pair_store import SETTINGS, SETTINGS_FORMAT, PairStore  # noqa: E402
+from ldm.errors import UsageError  # noqa: E402
 
 logger = logging.getLogger("generate_dataset")
 
-MANIFEST = "pairs.jsonl"
-SETTINGS = "generate_dataset.json"
-SETTINGS_FORMAT = 1
-PAIR_FILE = re.compile(r"^\d+_[01]\.png$")
-TEMP_FILE = re.compile(r"^\.(\d+_[01]\.png|pairs\.jsonl|generate_dataset\.json)\..+\.tmp$")  # from atomic_path
 REVERSE_TEMPLATE = "replace the {class} with a {source}"
 FORWARD_TEMPLATES = {"train": "replace the {source} with a {identifier} {class}",
                      "reg": "replace the {source} with a {class}"}
-# Test hook: SIGKILL this process just before its N-th commit (an image rename or a manifest append, counted from 1
-# in this run): a crash at the worst moment, with the temporary file written and not yet committed.
-KILL_ENV = "I2D_GENERATE_KILL_AT"
 RECIPE_KEYS = ("mode", "class_word", "source_word", "identifier", "forward_template", "reverse_template", "steps",
                "cfg_text", "cfg_image", "resolution", "sampler", "seed", "ema", "photos", "filter")
 DEFAULT_CANDIDATES = 4
@@ -99,25 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forward_template", "--forward-template", default=None,
                    help=f"the caption (and the edit of source photos); default {FORWARD_TEMPLATES['train']!r} "
                         f"(train), {FORWARD_TEMPLATES['reg']!r} (reg)")
-    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="stock InstructPix2Pix weights (.ckpt or .safetensors)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="model config (YAML, target/params)")
-    p.add_argument("--steps", type=int, default=100, help="sampling steps")
-    p.add_argument("--resolution", type=int, default=512,
-                   help="about this many pixels on the long side; both sides become multiples of 64")
-    p.add_argument("--cfg-text", type=float, default=7.5, help="text guidance scale s_T")
-    p.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale s_I")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="euler_ancestral", help="sampler")
-    p.add_argument("--seed", type=int, default=0, help="base seed; pair i gets a seed derived from it and i")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="autocast precision; auto = fp16 on CUDA, fp32 elsewhere")
+    add_model_args(p, "stock InstructPix2Pix weights (.ckpt or .safetensors)")
+    add_sampling_args(p, sweep=False, seed=0, seed_help="base seed; pair i gets a seed derived from it and i")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per model call (same-size photos share a call)")
-    ema = p.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="the checkpoint's EMA UNet weights")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="the checkpoint's training UNet weights")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (slow first call; pays off over many edits)")
-    p.add_argument("--tokenizer", default=None, help="local CLIP tokenizer folder for offline machines")
     p.add_argument("--filter", choices=("none", "clip"), default="none",
                    help="clip: edit each photo --candidates times and keep the edit InstructPix2Pix's CLIP filter "
                         "ranks best (directional and image-image CLIP similarity); scores go to pairs.jsonl")
@@ -129,9 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="write into a folder holding other files (left untouched)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for name, minimum in (("steps", 1), ("resolution", 64), ("batch_size", 1)):
-        if getattr(args, name) < minimum:
-            p.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+    check_sampling_args(p, args)
     train = args.mode == "train"
     allowed = {"subject_dir": train, "samples_per_image": train, "reg_source_dir": not train,
                "reg_class_dir": not train, "num_pairs": not train}
@@ -253,15 +224,6 @@ def plan_pairs(args: argparse.Namespace, words: dict[str, str], photos: list[Pho
     return pairs
 
 
-def require_files(config: Path, ckpt: Path) -> None:
-    """`FileNotFoundError` for a missing config or checkpoint."""
-    if not config.is_file():
-        raise MissingFileError(f"config not found: {config}")
-    if not ckpt.is_file():
-        raise MissingFileError(f"checkpoint not found: {ckpt} (download it with "
-                                "`python scripts/download_checkpoint.py`, or pass --ckpt)")
-
-
 def checkpoint_identity(path: Path, before: dict | None, quiet: bool) -> dict:
     """Name and sha256 of a (multi-GB) checkpoint, streamed with a progress bar; it must match ``before`` (the
     folder's record), whose hash is reused when path, size and mtime are unchanged."""
@@ -286,186 +248,12 @@ def checkpoint_identity(path: Path, before: dict | None, quiet: bool) -> dict:
     return identity
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class OutputFolder:
-    """The output folder; our files: ``NNN_0/1.png``, the manifest, the settings and our temporary files.
-
-    An exclusive lock is held while the folder is open, so two generators never write to one folder.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.settings: dict | None = None
-        self.width = 3  # digits of the pair indices, fixed when the folder is created
-        self._dir_fd: int | None = None
-        self._manifest_fd: int | None = None
-        self._commits = 0
-        self._kill_at = int(os.environ.get(KILL_ENV) or 0)
-
-    def open(self, force: bool, photo_dirs: list[Path]) -> None:
-        """Create and lock the folder, refuse foreign files (unless ``force``), read the settings."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"--output {self.path} exists and is not a folder")
-        if any(self.path.resolve() == d.resolve() for d in photo_dirs):
-            raise UsageError(f"--output {self.path} is a photo folder; choose another folder")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._dir_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another generate_dataset.py is writing to {self.path}") from None
-        names = {p.name for p in self.path.iterdir()}
-        if SETTINGS in names:
-            try:
-                self.settings = json.loads((self.path / SETTINGS).read_text())
-            except ValueError as err:
-                raise UsageError(f"{self.path / SETTINGS}: invalid JSON ({err}); delete the folder") from None
-            if self.settings.get("format") != SETTINGS_FORMAT:
-                raise UsageError(f"{self.path / SETTINGS}: unknown format {self.settings.get('format')!r}")
-            if not (MANIFEST in names and (self.path / MANIFEST).stat().st_size):
-                logger.info("%s holds no pair yet: starting afresh", self.path)
-                self.settings = None  # nothing was made with these settings: new ones may replace them
-            ours = {n for n in names if n in (SETTINGS, MANIFEST) or PAIR_FILE.match(n) or TEMP_FILE.match(n)}
-        else:
-            clashing = sorted(n for n in names if n == MANIFEST or PAIR_FILE.match(n))
-            if clashing:  # never adopt someone else's pairs (a later run would delete them as orphans)
-                shown = ", ".join(clashing[:5]) + (" …" if len(clashing) > 5 else "")
-                raise UsageError(f"--output {self.path} holds pair files not made by this script ({shown}); "
-                                 "choose a new folder")
-            ours = {n for n in names if TEMP_FILE.match(n)}
-        foreign = sorted(names - ours)
-        if foreign and not force:
-            raise UsageError(f"--output {self.path} holds {len(foreign)} file(s) that are not ours "
-                             f"({', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}); choose an empty or new "
-                             "folder, or pass --force to write beside them")
-        if foreign:
-            logger.warning("--force: leaving %d foreign file(s) in %s untouched", len(foreign), self.path)
-
-    def check_recipe(self, recipe: dict) -> None:
-        """Refuse a rerun whose settings differ from the folder's, naming every difference."""
-        before = self.settings["recipe"] if self.settings else recipe
-        diffs = []
-        for key in (k for k in RECIPE_KEYS if before.get(k) != recipe[k]):
-            if key == "photos":  # [kind, name, sha256] each
-                old, new = ({f"{k}/{n}" for k, n, _ in photos} for photos in (before.get(key, []), recipe[key]))
-                changed = sorted(old ^ new) or ["same names, other content or order"]
-                diffs.append(f"photos differ: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''}")
-            else:
-                diffs.append(f"{key}: {before.get(key)!r} in the folder, {recipe[key]!r} now")
-        if diffs:
-            raise UsageError(f"--output {self.path} was generated with other settings:\n  " + "\n  ".join(diffs)
-                             + "\nUse a new --output folder (or delete this one to start over).")
-
-    def write_settings(self, settings: dict) -> None:
-        """Write the settings file atomically and durably."""
-        from ldm.fileio import atomic_path
-
-        with atomic_path(self.path / SETTINGS) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-            _fsync(tmp)
-        self.settings = settings
-
-    def recover(self, plan: list[Pair]) -> dict[int, dict]:
-        """Repair after a crash and return the valid records by pair index.
-
-        Drops a torn last manifest line and lines whose images are missing, deletes our temporary files and the
-        images no line refers to. A line that contradicts the plan is an error (the folder is not this dataset).
-        """
-        from ldm.fileio import atomic_path
-
-        manifest = self.path / MANIFEST
-        *lines, tail = (manifest.read_bytes() if manifest.is_file() else b"").split(b"\n")
-        dropped = int(bool(tail.strip()))  # no final newline: the last write was torn
-        records: dict[int, dict] = {}
-        kept: list[bytes] = []
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-                index = int(record["index"])
-            except (ValueError, KeyError, TypeError):
-                if number < len(lines) or tail:
-                    raise UsageError(f"{manifest}: line {number} is not a pair record; delete the folder") from None
-                dropped += 1  # a torn last write that happens to end with a newline
-                continue
-            if index >= len(plan):
-                raise UsageError(f"{manifest} holds pair {index} but only {len(plan)} are planned now; raise "
-                                 "--num_pairs / --samples_per_image or use a new --output folder")
-            names = (record.get("input"), record.get("target"))
-            if (record.get("seed"), record.get("source_name"), names) != (
-                    plan[index].seed, plan[index].photo.path.name, self.pair_names(index)):
-                raise UsageError(f"{manifest}: line {number} (pair {index}) does not match the plan; use a new folder")
-            if index in records or not all((self.path / n).is_file() and (self.path / n).stat().st_size for n in names):
-                dropped += 1  # a duplicate, or an image lost after its line was written
-                continue
-            records[index] = record
-            kept.append(line + b"\n")
-        if dropped:
-            logger.warning("%s: dropping %d torn, duplicate or dangling line(s)", manifest, dropped)
-            with atomic_path(manifest) as tmp:
-                tmp.write_bytes(b"".join(kept))
-                _fsync(tmp)
-        referenced = {n for r in records.values() for n in (r["input"], r["target"])}
-        for entry in sorted(self.path.iterdir()):
-            if (PAIR_FILE.match(entry.name) and entry.name not in referenced) or TEMP_FILE.match(entry.name):
-                logger.info("removing %s, left by an interrupted run", entry.name)
-                entry.unlink()
-        return records
-
-    def pair_names(self, index: int) -> tuple[str, str]:
-        """File names of pair ``index``: (input, target), zero-padded to the folder's fixed width."""
-        return f"{index:0{self.width}d}_0.png", f"{index:0{self.width}d}_1.png"
-
-    def _commit_point(self) -> None:
-        """Count commits; the test hook (`KILL_ENV`) kills the process just before the chosen one."""
-        self._commits += 1
-        if self._commits == self._kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def write_image(self, image: Any, name: str, metadata: dict) -> None:
-        """Write a PNG atomically and durably; ``metadata`` goes into a text chunk (as edit_cli's outputs)."""
-        from PIL.PngImagePlugin import PngInfo
-
-        from ldm.fileio import atomic_path
-
-        with atomic_path(self.path / name) as tmp:
-            info = PngInfo()
-            info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-            image.save(tmp, format="PNG", pnginfo=info)
-            _fsync(tmp)
-            self._commit_point()
-
-    def append_record(self, record: dict) -> None:
-        """Append one manifest line in a single write, once the renames of its images are durable."""
-        data = (json.dumps(record, sort_keys=True) + "\n").encode()
-        os.fsync(self._dir_fd)
-        if self._manifest_fd is None:
-            self._manifest_fd = os.open(self.path / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        self._commit_point()
-        if os.write(self._manifest_fd, data) != len(data):
-            raise OSError(f"short write to {self.path / MANIFEST}")
-        os.fsync(self._manifest_fd)
-
-    def close(self) -> None:
-        """Close the manifest and release the lock."""
-        for fd in (self._manifest_fd, self._dir_fd):
-            if fd is not None:
-                os.close(fd)
-        self._manifest_fd = self._dir_fd = None
-
-
 def candidate_seed(seed: int, candidate: int) -> int:
     """Seed of a pair's ``candidate``-th edit under --filter: the pair's own seed first, then derived ones."""
     return seed if candidate == 0 else pair_seed(seed, candidate)
 
 
-def generate(model: Any, pairs: list[Pair], images: dict[Path, Any], folder: OutputFolder, record_base: dict,
+def generate(model: Any, pairs: list[Pair], images: dict[Path, Any], folder: PairStore, record_base: dict,
              batch_size: int, quiet: bool = False, selector: Any = None, candidates: int = 1) -> int:
     """Edit the photos of ``pairs`` (same-size photos share a batch) and commit each pair; returns the count.
 
@@ -477,13 +265,10 @@ def generate(model: Any, pairs: list[Pair], images: dict[Path, Any], folder: Out
     from tqdm import tqdm
 
     from ldm.data.transforms import image_to_tensor, tensor_to_image
-    from ldm.editing import decode_to_images, edit_latents
+    from ldm.editing import decode_to_images, edit_latents, same_size_batches
 
     device = next(model.parameters()).device
-    by_size: dict[tuple[int, int], list[Pair]] = {}
-    for pair in pairs:
-        by_size.setdefault(images[pair.photo.path].size, []).append(pair)
-    batches = [group[i : i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+    batches = same_size_batches(pairs, lambda pair: images[pair.photo.path].size, batch_size)
     base = record_base
     with tqdm(total=len(pairs), desc="generating", unit="pair", disable=quiet) as bar:
         for batch in batches:
@@ -532,18 +317,24 @@ def select_edit(selector: Any, pair: Pair, real: Any, edits: list[Any], base: di
     return edits[index], record
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, on_commit: Callable[[int], None] | None = None) -> int:
+    """Plan the dataset, repair and check the output folder, and generate what is missing.
+
+    ``on_commit``: called before each commit of the output folder (`ldm.data.pair_store.PairStore`; tests).
+    """
+    from ldm.editing import require_model_files
+
     words = check_words(args)
     photos, images = load_photos(collect_photos(args), args.resolution, args.skip_unreadable)
     config, ckpt = Path(args.config), Path(args.ckpt)
     if not (Path(args.output) / SETTINGS).is_file():  # a new folder: fail before creating anything
-        require_files(config, ckpt)
+        require_model_files(config, ckpt)
     total = len(photos) * args.samples_per_image if args.mode == "train" else args.num_pairs
     recipe = {key: getattr(args, key) for key in RECIPE_KEYS if key not in ("photos", "filter")}
     recipe["photos"] = [[p.kind, p.path.name, p.sha256] for p in photos]
     recipe["filter"] = None if args.filter == "none" else {"method": args.filter, "candidates": args.candidates,
                                                           "clip": args.filter_clip}
-    folder = OutputFolder(args.output)
+    folder = PairStore(args.output, on_commit)
     try:
         folder.open(args.force, sorted({p.path.parent for p in photos}))
         folder.check_recipe(recipe)
@@ -556,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
         pending = [pair for pair in plan if pair.index not in done]
         logger.info("%s: %d pairs planned, %d there, %d to generate", folder.path, total, len(done), len(pending))
         if pending or ckpt.is_file():  # a finished folder needs no checkpoint, but a given one must be the same
-            require_files(config, ckpt)
+            require_model_files(config, ckpt)
             identity = checkpoint_identity(ckpt, folder.settings and folder.settings["checkpoint"], args.quiet)
         if pending:
             folder.write_settings({"format": SETTINGS_FORMAT, "recipe": recipe, "checkpoint": identity,
@@ -568,13 +359,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate_pending(args: argparse.Namespace, folder: OutputFolder, pending: list[Pair], images: dict[Path, Any],
+def generate_pending(args: argparse.Namespace, folder: PairStore, pending: list[Pair], images: dict[Path, Any],
                      words: dict[str, str], identity: dict) -> None:
     """Load the model and generate the pending pairs."""
-    from ldm.editing import compile_unet, load_model, resolve_device
+    from ldm.editing import compile_unet, load_model, resolve_device, resolve_precision
 
     device = resolve_device(args.device)
-    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
     selector = None
     if args.filter == "clip":  # before the (slow) model load, so a missing CLIP fails fast
         from ldm.evaluation.filtering import ClipPairFilter
@@ -594,8 +385,8 @@ def generate_pending(args: argparse.Namespace, folder: OutputFolder, pending: li
     generate(loaded.model, pending, images, folder, record_base, args.batch_size, args.quiet, selector, args.candidates)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(run, parse_args(argv))
+def main(argv: list[str] | None = None, on_commit: Callable[[int], None] | None = None) -> int:
+    return run_cli(functools.partial(run, on_commit=on_commit), parse_args(argv))
 
 
 if __name__ == "__main__":

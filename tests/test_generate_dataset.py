@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from ldm.data.transforms import load_for_edit
-from scripts.generate_dataset import KILL_ENV, MANIFEST, SETTINGS, main
+from ldm.data.pair_store import MANIFEST, SETTINGS
+from scripts.generate_dataset import main
 from tests.tiny import REPO, TINY_CONFIG, save_tiny_checkpoint
 
 RESOLUTION = 64
@@ -158,11 +159,23 @@ def test_regularization_pairs_mix_both_directions(reg_set, photos):
             assert (r["generated"], r["edit_instruction"]) == ("input", "replace the dog with a wolf")
 
 
+def _killing_python(tmp_path: Path, commit: int) -> Path:
+    """A stand-in for ``$PYTHON`` of generate_dataset.sh: runs the script's ``main`` with an ``on_commit`` callback
+    that SIGKILLs the process just before its ``commit``-th commit."""
+    code = ("import os, signal, sys; from scripts.generate_dataset import main; "
+            f"main(sys.argv[1:], on_commit=lambda n: n == {commit} and os.kill(os.getpid(), signal.SIGKILL))")
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nshift  # the script path\nexec "{sys.executable}" -c "{code}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 def test_sigkill_mid_write_then_rerun_completes_the_same_set(train_set, photos, tiny_ckpt, tmp_path):
     """The generator (through generate_dataset.sh) kills itself before its 5th commit, with an image written to a
     temporary file; a power-loss-style torn manifest line is added; the rerun repairs and completes the set."""
     output = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", KILL_ENV: "5", "PYTHON": sys.executable, "MODE": "train",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHON": str(_killing_python(tmp_path, 5)),
+           "MODE": "train",
            "SUBJECT_DIR": str(photos["subject"]), "CLASS_WORD": "dog", "SOURCE_WORD": "wolf", "OUTPUT": str(output),
            "CKPT": str(tiny_ckpt), "CONFIG": str(TINY_CONFIG), "STEPS": "2", "RESOLUTION": str(RESOLUTION),
            "SAMPLES_PER_IMAGE": "2", "BATCH_SIZE": "2"}

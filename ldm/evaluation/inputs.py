@@ -24,28 +24,11 @@ from ldm.errors import MissingFileError, UsageError
 from ldm.evaluation.metrics import target_caption
 from ldm.evaluation.preprocessing import box_mask
 from ldm.evaluation.scoring import EditSample
+from ldm.image_io import read_metadata
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "instruct2dream"  # the text chunk scripts/edit_cli.py writes
 _STEP = re.compile(r"(\d+)(?!.*\d)")  # the last integer of a label or file name
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``instruct2dream`` JSON of a PNG written by edit_cli.py; ``{}`` when there is none."""
-    try:
-        with Image.open(path) as image:
-            text = getattr(image, "text", {}).get(METADATA_KEY)
-    except (OSError, ValueError):
-        return {}
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-    except ValueError:
-        logger.warning("%s: unreadable %s metadata ignored", path, METADATA_KEY)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def find_images(spec: str, option: str) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Conditioning for InstructPix2Pix training: the joint classifier-free-guidance dropout policy.
+"""Conditioning for InstructPix2Pix: the CompVis hybrid dict, and the joint classifier-free-guidance dropout policy.
 
 InstructPix2Pix (Brooks et al. 2023, Sec. 3.3) trains the unconditional branches used by its three-way guidance by
 dropping the text, the image, or both, for 5% of the samples each. One uniform draw ``r`` per sample decides:
@@ -11,6 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ldm.models.diffusion.guidance import Conditioning
+
+
+def hybrid_conditioning(text: torch.Tensor, image_latent: torch.Tensor | None = None) -> Conditioning:
+    """The CompVis conditioning dict: text contexts (B, L, D) for cross-attention, the image latent (B, 4, h, w)
+    (InstructPix2Pix: the posterior mode, unscaled) for channel concatenation when given."""
+    cond = {"c_crossattn": [text]}
+    if image_latent is not None:
+        cond["c_concat"] = [image_latent]
+    return cond
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Literal
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.guidance import dual_guidance, dual_guidance_conditioning, single_guidance
+from ldm.models.diffusion.guidance import dual_guided, single_guidance
 from ldm.models.diffusion.sampling import EpsModel, check_eps_parameterization
 
 logger = logging.getLogger(__name__)
@@ -239,9 +239,8 @@ class DDIMSampler:
         if image_guidance_scale is not None:
             if not isinstance(c, dict) or not isinstance(unconditional_conditioning, dict):
                 raise ValueError("image_guidance_scale needs dict conditioning and unconditional_conditioning")
-            cfg_cond = dual_guidance_conditioning(c, unconditional_conditioning, x.shape[0])
-            e_full, e_image, e_uncond = apply_model(torch.cat([x] * 3), torch.cat([t] * 3), cfg_cond).chunk(3)
-            return dual_guidance(e_full, e_image, e_uncond, unconditional_guidance_scale, image_guidance_scale)
+            return dual_guided(apply_model, x, t, c, unconditional_conditioning, unconditional_guidance_scale,
+                               image_guidance_scale)
         if unconditional_conditioning is None or unconditional_guidance_scale == 1.0:
             return apply_model(x, t, c)
         c_in = _cat_conditioning([unconditional_conditioning, c])

@@ -77,10 +77,26 @@ def dual_guidance_conditioning(cond: Conditioning, uncond: Conditioning, batch_s
     }
 
 
+def dual_guided(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
+    text_scale: Scale,
+    image_scale: Scale,
+) -> torch.Tensor:
+    """Run the three IP2P branches of ``x`` (B, C, h, w) at ``t`` (B,) as one batch-3B call of
+    ``model_fn(x, t, cond)`` and combine them with :func:`dual_guidance`."""
+    cfg_cond = dual_guidance_conditioning(cond, uncond, x.shape[0])
+    out_full, out_image_only, out_uncond = model_fn(torch.cat([x, x, x]), torch.cat([t, t, t]), cfg_cond).chunk(3)
+    return dual_guidance(out_full, out_image_only, out_uncond, text_scale, image_scale)
+
+
 class DualCFGDenoiser:
     """Three-way classifier-free guidance around a sigma-space denoiser (InstructPix2Pix ``CFGDenoiser``).
 
-    The three branches run in one batched call of the inner denoiser, then combine with :func:`dual_guidance`.
+    The three branches run in one batched call of the inner denoiser (:func:`dual_guided`).
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor]) -> None:
@@ -96,10 +112,5 @@ class DualCFGDenoiser:
         image_cfg_scale: Scale,
     ) -> torch.Tensor:
         """Guided denoised output for ``z`` (B, C, h, w) at noise levels ``sigma`` (B,)."""
-        batch_size = z.shape[0]
-        cfg_z = torch.cat([z, z, z])  # (3B, C, h, w)
-        cfg_sigma = torch.cat([sigma, sigma, sigma])  # (3B,)
-        cfg_cond = dual_guidance_conditioning(cond, uncond, batch_size)
-        out = self.inner_model(cfg_z, cfg_sigma, cond=cfg_cond)  # (3B, C, h, w)
-        out_full, out_image_only, out_uncond = out.chunk(3)
-        return dual_guidance(out_full, out_image_only, out_uncond, text_cfg_scale, image_cfg_scale)
+        inner = lambda x, s, c: self.inner_model(x, s, cond=c)  # noqa: E731
+        return dual_guided(inner, z, sigma, cond, uncond, text_cfg_scale, image_cfg_scale)

@@ -1,0 +1,69 @@
+"""Command-line pieces the editing scripts share: model and sampling flags, their checks, and the error exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from ldm.errors import UserError
+
+DEFAULT_CKPT = "models/instruct-pix2pix/instruct-pix2pix-00-22000.ckpt"
+DEFAULT_CONFIG = "configs/instruct-pix2pix/generate.yaml"
+SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim")  # ldm.editing.edit_latents (not imported: --help stays fast)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: ldm.editing.resolve_precision
+
+
+def add_model_args(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
+    """``--ckpt --config --device --precision --ema/--no-ema --compile --tokenizer`` (`ldm.editing.load_model`)."""
+    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=ckpt_help)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config (YAML, target/params)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast precision; auto = fp16 on CUDA, fp32 elsewhere")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
+                     help="use the checkpoint's EMA UNet weights (error if it has none)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false",
+                     help="use the checkpoint's training (non-EMA) UNet weights")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet (slow first call; pays off over many edits)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="local CLIP tokenizer folder for offline machines (see README, 'Offline tokenizer')")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, sweep: bool, seed: int | None, seed_help: str) -> None:
+    """``--steps --resolution --cfg-text --cfg-image --sampler --seed`` (`ldm.editing.edit_latents`).
+
+    ``sweep``: the guidance scales take several values (a list each).
+    """
+    parser.add_argument("--steps", type=int, default=100, help="sampling steps")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="about this many pixels on the long side; both sides become multiples of 64")
+    scales = (("--cfg-text", 7.5, "text guidance scale s_T"), ("--cfg-image", 1.5, "image guidance scale s_I"))
+    for flag, default, name in scales:
+        if sweep:
+            parser.add_argument(flag, type=float, nargs="+", default=[default],
+                                help=f"{name}; several values make a sweep")
+        else:
+            parser.add_argument(flag, type=float, default=default, help=name)
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="euler_ancestral", help="sampler")
+    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
+
+
+def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--steps``, ``--resolution`` and ``--batch-size`` below their minimum are parser errors."""
+    for name, minimum in (("steps", 1), ("resolution", 64), ("batch_size", 1)):
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+
+
+def run_cli(run_fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a CLI's ``run_fn(args)`` with logging set up; user errors print one line and exit with status 2."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return run_fn(args)
+    except UserError as err:  # the user's input: the message alone; anything else is a bug and keeps its traceback
+        sys.stderr.write(f"error: {err}\n")
+        return 2
