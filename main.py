@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, ResumingCSVLogger, SetupCallback  # noqa: E402  (config targets main.*)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: E402
 from ldm.errors import UsageError, UserError  # noqa: E402
+from ldm.run_settings import learning_rate, trainer_settings  # noqa: E402
 
 __all__ = ["DataModuleFromConfig", "ImageLogger", "SetupCallback", "main"]
 
@@ -227,58 +228,6 @@ def apply_model_flags(config: Any, opt: argparse.Namespace) -> None:
         params.unet_config.setdefault("params", {})["use_checkpoint"] = bool(opt.gradient_checkpointing)
 
 
-def check_strategy(strategy: str, settings: dict[str, Any]) -> None:
-    """Refuse, with the reason, strategies that cannot run here (before Lightning builds the model)."""
-    import importlib.util
-
-    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise UsageError(f"--strategy {strategy}: deepspeed is not installed "
-                         "(pip install deepspeed, on a CUDA machine)")
-    if strategy.startswith("fsdp") and str(settings.get("accelerator")) not in ("gpu", "cuda"):
-        raise UsageError(f"--strategy {strategy}: Lightning's FSDP shards across CUDA devices only; "
-                         "use ddp on the CPU, or --gpus")
-
-
-def trainer_settings(opt: argparse.Namespace, lightning_config: Any) -> dict[str, Any]:
-    """Lightning Trainer kwargs: the config's ``lightning.trainer`` plus the device/length flags."""
-    import torch
-    from omegaconf import OmegaConf
-
-    settings = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
-    if opt.gpus is not None:
-        try:
-            ids = [int(i) for i in str(opt.gpus).replace(" ", "").split(",") if i != ""]
-        except ValueError:
-            ids = []
-        if not ids:
-            raise UsageError(f"--gpus {opt.gpus!r}: give GPU ids such as '0,' or '0,1'")
-        settings.update(accelerator="gpu", devices=ids)
-        if len(ids) > 1 or (opt.num_nodes or 1) > 1:
-            settings.setdefault("strategy", "ddp")
-    settings.setdefault("accelerator", "cpu")
-    settings.setdefault("devices", 1)
-    if str(settings["accelerator"]) in ("gpu", "cuda") and not torch.cuda.is_available():
-        asked = f"--gpus {opt.gpus}" if opt.gpus is not None else f"lightning.trainer.accelerator={settings['accelerator']}"
-        raise UsageError(f"{asked}: CUDA is not available here (torch {torch.__version__}); "
-                         "leave out --gpus to train on the CPU")
-    for key in ("max_steps", "precision", "num_nodes", "strategy"):
-        if getattr(opt, key, None) is not None:
-            settings[key] = getattr(opt, key)
-    if "strategy" in settings:
-        check_strategy(str(settings["strategy"]), settings)
-    settings.setdefault("max_steps", -1)
-    settings.pop("gpus", None)
-    settings.pop("resume_from_checkpoint", None)
-    # The training sampler splits the data across ranks itself (exact resumption, ldm.data.sampler).
-    settings["use_distributed_sampler"] = False
-    return settings
-
-
-def device_count(settings: dict[str, Any]) -> int:
-    devices = settings.get("devices", 1)
-    return len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
-
-
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists are leaves)."""
     if not isinstance(node, dict):
@@ -388,39 +337,33 @@ def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str
     return logdir, resume_ckpt, config, lightning_config, settings, seed
 
 
-def run(opt: argparse.Namespace, overrides: list[str]) -> int:
-    import pytorch_lightning as pl
+def run_timestamp() -> str:
+    """This run's timestamp; DDP re-runs this script for the other ranks, which reuse the first rank's (one log dir)."""
+    now = os.environ.get(RUN_TIMESTAMP_ENV) or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    os.environ[RUN_TIMESTAMP_ENV] = now
+    return now
+
+
+def build_model(config: Any, lr: float, seed: int, compile_unet: bool) -> Any:
+    """The model of ``config.model``, trained at ``lr`` with noise drawn from ``seed``; ``compile_unet``: compiled."""
+    from ldm.util import instantiate_from_config
+
+    model = instantiate_from_config(config.model, learning_rate=lr, train_seed=seed)
+    if compile_unet:
+        from ldm.editing import compile_unet as compile_model
+
+        compile_model(model)
+    return model
+
+
+def build_callbacks(opt: argparse.Namespace, now: str, logdir: Path, config: Any, lightning_config: Any) -> list[Any]:
+    """Run setup, checkpoints (``lightning.modelcheckpoint``), LR monitor, progress bar and the config's callbacks."""
     from omegaconf import OmegaConf
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-    from ldm.export import export_lora, export_weights
     from ldm.util import instantiate_from_config
 
-    # DDP re-runs this script for the other ranks: they must reuse the first rank's timestamp (same log dir).
-    now = os.environ.get(RUN_TIMESTAMP_ENV) or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    os.environ[RUN_TIMESTAMP_ENV] = now
-    logdir, resume_ckpt, config, lightning_config, settings, seed = resolve_run(opt, overrides, now)
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
-    has_test = "test" in config.get("data", {}).get("params", {})
-    if "model" not in config:
-        raise UsageError(f"no 'model' section in {', '.join(opt.base) or opt.resume}")
-    pl.seed_everything(seed, workers=True)
-
-    data = instantiate_from_config(config.data, seed=seed)
-    data.prepare_data()  # builds and validates the datasets: every bad file is reported before the model loads
-    model = instantiate_from_config(config.model)
-    model.train_seed = seed
-    if opt.compile:
-        from ldm.editing import compile_unet
-
-        compile_unet(model)
-    batch_size = int(config.get("data", {}).get("params", {}).get("batch_size", 1))
-    base_lr = float(config.model.get("base_learning_rate", 1.0e-4))
-    accumulate = int(settings.get("accumulate_grad_batches", 1))
-    scale = accumulate * device_count(settings) * int(settings.get("num_nodes", 1)) * batch_size
-    model.learning_rate = scale * base_lr if opt.scale_lr else base_lr
-    logger.info("learning rate %.3g (%s)", model.learning_rate, f"{scale} x {base_lr:.3g}" if opt.scale_lr else "base_learning_rate")
-
     checkpoint_params = OmegaConf.to_container(
         OmegaConf.select(lightning_config, "modelcheckpoint.params", default=OmegaConf.create()), resolve=True
     )
@@ -432,9 +375,14 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
         LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(),
     ]
-    for name, cb_config in lightning_config.get("callbacks", {}).items():
+    for cb_config in lightning_config.get("callbacks", {}).values():
         params = {"save_dir": str(logdir)} if cb_config.get("target", "").endswith("ImageLogger") else {}
         callbacks.append(instantiate_from_config(cb_config, **params))
+    return callbacks
+
+
+def build_loggers(logdir: Path) -> list[Any]:
+    """``metrics.csv`` (kept across resumes), and TensorBoard when it is installed."""
     loggers: list[Any] = [ResumingCSVLogger(save_dir=str(logdir), name="", version="")]
     try:
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -444,19 +392,47 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
         loggers.append(TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version=""))
     except ImportError:
         pass
-    trainer = pl.Trainer(**settings, default_root_dir=str(logdir), logger=loggers, callbacks=callbacks,
-                         plugins=[AtomicCheckpointIO()], log_every_n_steps=1)
+    return loggers
 
+
+def export_trained(model: Any, logdir: Path, config: Any, ema: bool | None) -> None:
+    """Write ``export/lora.safetensors`` (a LoRA run) or ``export/model.safetensors`` (the fine-tuned weights)."""
+    from omegaconf import OmegaConf
+
+    from ldm.export import export_lora, export_weights
+
+    if getattr(model, "lora", None) is not None:
+        export = export_lora(model, logdir / "export" / "lora.safetensors", ema=ema)
+        logger.info("LoRA adapter: %s (apply it with scripts/edit_cli.py --lora, or merge it with "
+                    "scripts/export.py --merge)", export)
+    else:
+        export = export_weights(model, logdir / "export" / "model.safetensors", ema=ema,
+                                config=OmegaConf.to_yaml(config))
+        logger.info("fine-tuned weights: %s", export)
+
+
+def run(opt: argparse.Namespace, overrides: list[str]) -> int:
+    import pytorch_lightning as pl
+
+    from ldm.util import instantiate_from_config
+
+    now = run_timestamp()
+    logdir, resume_ckpt, config, lightning_config, settings, seed = resolve_run(opt, overrides, now)
+    has_test = "test" in config.get("data", {}).get("params", {})
+    if "model" not in config:
+        raise UsageError(f"no 'model' section in {', '.join(opt.base) or opt.resume}")
+    pl.seed_everything(seed, workers=True)
+
+    data = instantiate_from_config(config.data, seed=seed)
+    data.prepare_data()  # builds and validates the datasets: every bad file is reported before the model loads
+    model = build_model(config, learning_rate(config, settings, opt.scale_lr), seed, opt.compile)
+    callbacks = build_callbacks(opt, now, logdir, config, lightning_config)
+    trainer = pl.Trainer(**settings, default_root_dir=str(logdir), logger=build_loggers(logdir), callbacks=callbacks,
+                         plugins=[AtomicCheckpointIO()], log_every_n_steps=1)
     if opt.train:
         trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-        if trainer.global_rank == 0 and not trainer.interrupted and getattr(model, "lora", None) is not None:
-            export = export_lora(model, logdir / "export" / "lora.safetensors", ema=opt.export_ema)
-            logger.info("LoRA adapter: %s (apply it with scripts/edit_cli.py --lora, or merge it with "
-                        "scripts/export.py --merge)", export)
-        elif trainer.global_rank == 0 and not trainer.interrupted:
-            export = export_weights(model, logdir / "export" / "model.safetensors", ema=opt.export_ema,
-                                    config=OmegaConf.to_yaml(config))
-            logger.info("fine-tuned weights: %s", export)
+        if trainer.global_rank == 0 and not trainer.interrupted:
+            export_trained(model, logdir, config, opt.export_ema)
     if not opt.no_test and has_test and not trainer.interrupted:
         trainer.test(model, data)
     return 0

@@ -20,8 +20,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.checkpoint import read_checkpoint
-from ldm.errors import UsageError
 from ldm.fileio import atomic_path
+from ldm.util import ConfigError, report_legacy_param
 
 logger = logging.getLogger(__name__)
 EVAL_MODEL_KEYS = ("dino", "clip")
@@ -85,6 +85,8 @@ class ImageLogger(Callback):
     the subject's photos) and ``val/clip_t`` (the edit against its instruction's target caption, the identifier
     removed: ``eval_identifier``, default the validation set's) to the run's loggers (``metrics.csv``). The models
     load when training starts; one that cannot be had stops the run with an error saying how to fetch it.
+    CompVis's ``clamp``, ``rescale``, ``log_on_batch_idx`` and ``log_images_kwargs`` are accepted and reported as
+    legacy parameters; bad values are `ConfigError`s.
     """
 
     def __init__(
@@ -110,12 +112,18 @@ class ImageLogger(Callback):
     ) -> None:
         super().__init__()
         if batch_frequency < 1:
-            raise ValueError(f"ImageLogger batch_frequency must be >= 1, got {batch_frequency}")
+            raise ConfigError(f"ImageLogger: batch_frequency must be >= 1, got {batch_frequency}")
         unknown = sorted(set(eval_models or {}) - set(EVAL_MODEL_KEYS))
         if unknown:
-            raise UsageError(f"ImageLogger eval_models: unknown key(s) {unknown}; expected {list(EVAL_MODEL_KEYS)}")
+            raise ConfigError(f"ImageLogger: eval_models has unknown key(s) {', '.join(unknown)} "
+                              f"(accepted: {', '.join(EVAL_MODEL_KEYS)})")
         if eval_every is not None and eval_every < 1:
-            raise UsageError(f"ImageLogger eval_every must be >= 1, got {eval_every}")
+            raise ConfigError(f"ImageLogger: eval_every must be >= 1, got {eval_every}")
+        for name, value, default in (("clamp", clamp, True), ("rescale", rescale, True),
+                                     ("log_on_batch_idx", log_on_batch_idx, False),
+                                     ("log_images_kwargs", log_images_kwargs, None)):
+            report_legacy_param("ImageLogger", name, value, "the grid is input | edit | target at global steps",
+                                default)
         self.eval_models = {k: str(v) for k, v in (eval_models or {}).items() if v}
         self.eval_every, self.eval_identifier = eval_every, eval_identifier
         self.scorer: Any = None

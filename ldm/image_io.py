@@ -1,7 +1,8 @@
-"""Edited images on disk: PNGs carry their settings as JSON in a text chunk named ``instruct2dream``."""
+"""Images on disk: finding inputs, and edits whose PNGs carry their settings as JSON in an ``instruct2dream`` chunk."""
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -11,6 +12,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm.data.transforms import is_image_file
+from ldm.errors import MissingFileError, UsageError
 from ldm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -57,3 +60,19 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         logger.warning("%s: unreadable %s metadata ignored", path, METADATA_KEY)
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def find_images(spec: str, option: str) -> list[Path]:
+    """An image file, the image files of a folder (sorted), or those matching a glob pattern."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
+        if not found:
+            raise UsageError(f"{option} {spec}: the folder holds no image files")
+        return found
+    matches = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file() and is_image_file(p))
+    if not matches:
+        raise MissingFileError(f"{option} {spec}: no such file or folder, and no image matches it as a pattern")
+    return matches

@@ -7,13 +7,24 @@ import inspect
 import logging
 from typing import Any, Mapping
 
-from ldm.errors import UserError
+from ldm.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
+_reported_legacy: set[tuple[str, str]] = set()
 
-class ConfigError(UserError, ValueError):
+
+class ConfigError(UsageError):
     """A config names a target that does not exist or passes parameters the target does not accept."""
+
+
+def report_legacy_param(owner: str, name: str, value: Any, reason: str, default: Any = None) -> None:
+    """Warn once per process that ``owner``'s legacy config parameter ``name`` is set (not ``default``) and ignored."""
+    if value == default or (owner, name) in _reported_legacy:
+        return
+    _reported_legacy.add((owner, name))
+    logger.warning("%s: legacy parameter %s=%r is accepted for compatibility and ignored (%s)", owner, name, value,
+                   reason)
 
 
 def exists(value: Any) -> bool:

@@ -13,7 +13,6 @@ overwritten; existing outputs only with --overwrite.
 from __future__ import annotations
 
 import argparse
-import glob
 import itertools
 import logging
 import random
@@ -66,24 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def find_inputs(spec: str) -> list[Path]:
-    """Expand ``--input``: a file, the image files of a folder (sorted), or the image files matching a glob."""
-    from ldm.data.transforms import is_image_file
-
-    path = Path(spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
-        if not found:
-            raise UsageError(f"--input folder {path} contains no image files")
-        return found
-    matches = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file() and is_image_file(p))
-    if not matches:
-        raise UsageError(f"--input {spec!r}: no such file or folder, and no image matches it as a pattern")
-    return matches
-
-
 def plan_jobs(inputs: list[Path], output: str, cfg_text: list[float], cfg_image: list[float]) -> tuple[list[Job], dict]:
     """Decide every output path; returns the jobs and, for sweeps, ``{input: grid path}``."""
     combos = list(itertools.product(cfg_text, cfg_image))
@@ -132,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from ldm.data.transforms import image_to_tensor, load_for_edit, tensor_to_image
     from ldm.editing import (compile_unet, decode_to_images, edit_latents, load_model, resolve_device,
                              resolve_precision, same_size_batches)
-    from ldm.image_io import save_image
+    from ldm.image_io import find_images, save_image
     from ldm.lora import lora_scales
     from ldm.visualization import labelled_grid
 
@@ -140,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [path for path in args.lora if not Path(path).is_file()]
     if missing:
         raise UsageError(f"--lora {missing[0]}: no such file")
-    inputs = find_inputs(args.input)
+    inputs = find_images(args.input, "--input")
     jobs, grids = plan_jobs(inputs, args.output, args.cfg_text, args.cfg_image)
     check_outputs(jobs, grids, inputs, args.overwrite)
     # Read every image before the (slow) model load, so a bad file fails fast and by name.

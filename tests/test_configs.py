@@ -63,9 +63,9 @@ def test_original_model_instantiates_unmodified(name, caplog):
     assert model.scale_factor == pytest.approx(0.18215)
     if "personalization_config" in config.model.params:
         # dead legacy params are reported (once per process), not silently swallowed
-        from ldm.models.diffusion import ddpm
+        from ldm import util
 
-        assert ("LatentDiffusion", "personalization_config") in ddpm._reported_legacy
+        assert ("LatentDiffusion", "personalization_config") in util._reported_legacy
 
 
 @pytest.mark.parametrize("name", OURS)

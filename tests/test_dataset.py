@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageOps
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ldm.data import personalized_edit
+from ldm import util
 from ldm.data.datamodule import DataModuleFromConfig, TrainWithRegularization, reg_pair_index
 from ldm.data.personalized_edit import DatasetError, PersonalizedBase
 from ldm.data.transforms import (
@@ -249,7 +249,7 @@ def test_bad_parameters(tmp_path: Path) -> None:
 
 def test_legacy_parameters_are_reported_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_pair(tmp_path, "00", solid(GREY), solid(GREY))
-    personalized_edit._reported_legacy.clear()
+    util._reported_legacy.clear()
     with caplog.at_level(logging.INFO, logger="ldm.data.personalized_edit"):
         for _ in range(2):
             PersonalizedBase(tmp_path, size=16, per_image_tokens=False, coarse_class_text="red", mixing_prob=0.25)

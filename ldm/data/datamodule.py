@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.sampler import ResumableSampler, SeededItems
 from ldm.errors import UsageError
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, report_legacy_param
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if reg is not None and train is None:
             raise ValueError("a 'reg' dataset needs a 'train' dataset to pair with")
         for name, value in (("wrap", wrap), ("use_worker_init_fn", use_worker_init_fn)):
-            if value:
-                logger.info("DataModuleFromConfig: legacy parameter %s=%r has no effect", name, value)
+            report_legacy_param("DataModuleFromConfig", name, value, "the loaders seed and wrap themselves", False)
         self.batch_size = batch_size
         self.seed = int(seed)
         self._resume_position: dict[str, int] | None = None

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.transforms import ImageLoadError, PairWindow, is_image_file, load_pair, probe_image, resampling
 from ldm.errors import UserError
+from ldm.util import report_legacy_param
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ MANIFEST_KEYS = ("input", "target", "instruction")
 _PAIR_STEM = re.compile(r"^(?P<prefix>.+)_(?P<side>[01])$")
 # Textual-Inversion leftovers the seed accepted but never used: accepted here too, and reported once if set.
 _LEGACY_DEFAULTS: dict[str, Any] = {"per_image_tokens": False, "mixing_prob": 0.25, "coarse_class_text": None}
-_reported_legacy: set[str] = set()
 
 
 class DatasetError(UserError, ValueError):
@@ -117,14 +117,6 @@ def _read_manifest(root: Path, manifest: Path) -> tuple[list[EditPair], list[str
     return pairs, problems
 
 
-def _report_legacy(values: dict[str, Any]) -> None:
-    """Log each dead legacy parameter that is set to a non-default value, once per process."""
-    for name, value in values.items():
-        if value != _LEGACY_DEFAULTS[name] and name not in _reported_legacy:
-            _reported_legacy.add(name)
-            logger.info("PersonalizedBase: legacy parameter %s=%r has no effect", name, value)
-
-
 class PersonalizedBase(Dataset):
     """Input/target editing pairs of one folder with a DreamBooth caption (seed §4, bugs of §10 fixed).
 
@@ -171,9 +163,9 @@ class PersonalizedBase(Dataset):
             raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p must lie in [0, 1], got {flip_p!r}")
-        _report_legacy(
-            {"per_image_tokens": per_image_tokens, "mixing_prob": mixing_prob, "coarse_class_text": coarse_class_text}
-        )
+        values = {"per_image_tokens": per_image_tokens, "mixing_prob": mixing_prob, "coarse_class_text": coarse_class_text}
+        for name, value in values.items():
+            report_legacy_param("PersonalizedBase", name, value, "textual-inversion leftover", _LEGACY_DEFAULTS[name])
         self.data_root = Path(data_root)
         self.size = size
         self.repeats = repeats

@@ -8,7 +8,6 @@ source by that ``input`` name, else by file stem; a mask by the edit's stem, els
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import re
@@ -19,32 +18,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ldm.data.transforms import ImageLoadError, is_image_file, load_for_edit, load_image
+from ldm.data.transforms import ImageLoadError, load_for_edit, load_image
 from ldm.errors import MissingFileError, UsageError
 from ldm.evaluation.metrics import target_caption
 from ldm.evaluation.preprocessing import box_mask
 from ldm.evaluation.scoring import EditSample
-from ldm.image_io import read_metadata
+from ldm.image_io import find_images, read_metadata
 
 logger = logging.getLogger(__name__)
 
 _STEP = re.compile(r"(\d+)(?!.*\d)")  # the last integer of a label or file name
-
-
-def find_images(spec: str, option: str) -> list[Path]:
-    """An image file, the image files of a folder (sorted), or those matching a glob pattern."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
-        if not found:
-            raise UsageError(f"{option} {spec}: the folder holds no image files")
-        return found
-    matches = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file() and is_image_file(p))
-    if not matches:
-        raise MissingFileError(f"{option} {spec}: no such file or folder, and no image matches it as a pattern")
-    return matches
 
 
 def parse_run(spec: str) -> tuple[str, str]:

@@ -6,7 +6,6 @@ checkpoint (``cond_stage_model.transformer.text_model.*``), never from a model h
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -14,8 +13,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
 
 from ldm.modules.encoders.tokenizer import check_tokenizer, load_clip_tokenizer
+from ldm.util import report_legacy_param
 
-logger = logging.getLogger(__name__)
 
 # The text half of openai/clip-vit-large-patch14, the text encoder of SD v1 and InstructPix2Pix. The special ids
 # are those of the CLIP tokenizer; they only affect the pooled output, which this encoder does not use.
@@ -109,8 +108,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         config = clip_text_config(text_config)
         if not 0 < max_length <= config.max_position_embeddings:
             raise ValueError(f"max_length={max_length} must be in [1, {config.max_position_embeddings}]")
-        if device is not None:
-            logger.info("FrozenCLIPEmbedder: device=%r ignored; the module follows .to() / the trainer", device)
+        report_legacy_param("FrozenCLIPEmbedder", "device", device, "the module follows .to() / the trainer")
         self.max_length = max_length
         self.layer = layer
         self.frozen = False
