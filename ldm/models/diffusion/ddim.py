@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.guidance import dual_guided, single_guidance
-from ldm.models.diffusion.sampling import EpsModel, check_eps_parameterization
+from ldm.models.diffusion.sampling import EpsModel, check_eps_parameterization, standard_normal
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +78,6 @@ def _first_tensor(cond: Any) -> torch.Tensor:
     while not isinstance(cond, torch.Tensor):
         cond = next(iter(cond.values())) if isinstance(cond, dict) else cond[0]
     return cond
-
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal noise, drawn only from ``generator`` when one is given."""
-    if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
 class DDIMSampler:
@@ -197,7 +190,7 @@ class DDIMSampler:
         verbose: bool = True,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Run the DDIM loop from ``x_T`` (or fresh noise) over ``ddim_timesteps`` in descending order."""
-        img = _randn(shape, generator, self.device) if x_T is None else x_T
+        img = standard_normal(shape, generator, self.device) if x_T is None else x_T
         intermediates = {"x_inter": [img], "pred_x0": [img]}
         total_steps = len(self.ddim_timesteps)
         time_range = self.ddim_timesteps.flip(0).tolist()
@@ -273,7 +266,7 @@ class DDIMSampler:
         dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt
         if sigma_t > 0:
-            noise = sigma_t * _randn(tuple(x.shape), generator, x.device).to(x.dtype) * temperature
+            noise = sigma_t * standard_normal(x.shape, generator, x.device).to(x.dtype) * temperature
             if noise_dropout > 0.0:
                 noise = torch.nn.functional.dropout(noise, p=noise_dropout)
             x_prev = x_prev + noise

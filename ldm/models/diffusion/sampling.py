@@ -8,7 +8,7 @@ Table 1, VP column). Samplers are free functions with one signature:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from tqdm.auto import trange
@@ -158,20 +158,22 @@ def get_ancestral_step(
     return sigma_down, sigma_up
 
 
-def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None) -> NoiseSampler:
-    """Return ``noise_sampler(sigma, sigma_next)`` drawing standard normal noise shaped like ``x``.
-
-    With a generator the draws come only from it (on the generator's device, then moved to ``x``'s device), so a
-    seed reproduces the sampler regardless of the global RNG.
-    """
+def standard_normal(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise on ``device``; with a generator, drawn only from it (on its device, then moved), so a
+    seed reproduces it regardless of the global RNG."""
     if generator is None:
-        return lambda sigma, sigma_next: torch.randn_like(x)
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
 
-    def noise_sampler(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
-        return noise.to(x.device)
 
-    return noise_sampler
+def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None) -> NoiseSampler:
+    """Return ``noise_sampler(sigma, sigma_next)`` drawing standard normal noise shaped like ``x`` (`standard_normal`)."""
+    return lambda sigma, sigma_next: standard_normal(x.shape, generator, x.device, x.dtype)
 
 
 @torch.no_grad()
