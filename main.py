@@ -31,7 +31,8 @@ if str(REPO) not in sys.path:
 
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, ResumingCSVLogger, SetupCallback  # noqa: E402  (config targets main.*)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: E402
-from ldm.errors import UsageError, UserError  # noqa: E402
+from ldm.cli import exit_status  # noqa: E402
+from ldm.errors import UsageError  # noqa: E402
 from ldm.run_settings import learning_rate, trainer_settings  # noqa: E402
 
 __all__ = ["DataModuleFromConfig", "ImageLogger", "SetupCallback", "main"]
@@ -257,11 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The frozen VAE (and text encoder) are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-    try:
-        return run(opt, overrides)
-    except UserError as err:  # the user's input: the message alone; anything else is a bug and keeps its traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(run, opt, overrides)
 
 
 def check_something_to_do(opt: argparse.Namespace, config: Any) -> None:

@@ -1,11 +1,11 @@
-"""Command-line pieces the editing scripts share: model and sampling flags, their checks, and the error exit."""
+"""Command-line pieces the scripts share: model, sampling and LoRA flags, their checks, and the error exit."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from ldm.errors import UserError
 
@@ -52,6 +52,19 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, sweep: bool, seed: int
     parser.add_argument("--seed", type=int, default=seed, help=seed_help)
 
 
+def add_lora_args(parser: argparse.ArgumentParser, lora_help: str) -> None:
+    """``--lora FILE`` (repeatable) and ``--lora-scale S`` (`ldm.lora.lora_scales`)."""
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE", help=lora_help)
+    parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
+                        help="strength of the --lora files: one value for all, or one per --lora in order (default 1)")
+
+
+def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--lora-scale`` without ``--lora`` is a parser error."""
+    if args.lora_scale and not args.lora:
+        parser.error("--lora-scale needs --lora")
+
+
 def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--steps``, ``--resolution`` and ``--batch-size`` below their minimum are parser errors."""
     for name, minimum in (("steps", 1), ("resolution", 64), ("batch_size", 1)):
@@ -59,11 +72,16 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
 
 
-def run_cli(run_fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a CLI's ``run_fn(args)`` with logging set up; user errors print one line and exit with status 2."""
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+def exit_status(run_fn: Callable[..., int], *args: Any) -> int:
+    """``run_fn(*args)``; a `UserError` prints one line (``error: ...``) and gives exit status 2."""
     try:
-        return run_fn(args)
+        return run_fn(*args)
     except UserError as err:  # the user's input: the message alone; anything else is a bug and keeps its traceback
         sys.stderr.write(f"error: {err}\n")
         return 2
+
+
+def run_cli(run_fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a CLI's ``run_fn(args)`` with logging set up (``--quiet``: warnings only) and `exit_status`."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    return exit_status(run_fn, args)

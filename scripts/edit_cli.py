@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import add_model_args, add_sampling_args, check_sampling_args, run_cli  # noqa: E402
+from ldm.cli import (add_lora_args, add_model_args, add_sampling_args, check_lora_args,  # noqa: E402
+                     check_sampling_args, run_cli)
 from ldm.errors import UsageError  # noqa: E402
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -51,17 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(parser, "model weights (.ckpt or .safetensors, original layout)")
     add_sampling_args(parser, sweep=True, seed=None, seed_help="random seed (default: drawn at random and recorded)")
     parser.add_argument("--batch-size", type=int, default=1, help="edits per model call (same-size images only)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE",
-                        help="LoRA file (kohya/A1111 layout, e.g. a LoRA run's export/lora.safetensors) merged into "
-                        "the weights at load; repeat for several")
-    parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
-                        help="strength of the --lora files: one value for all, or one per --lora in order (default 1)")
+    add_lora_args(parser, "LoRA file (kohya/A1111 layout, e.g. a LoRA run's export/lora.safetensors) merged into "
+                  "the weights at load; repeat for several")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     check_sampling_args(parser, args)
-    if args.lora_scale and not args.lora:
-        parser.error("--lora-scale needs --lora")
+    check_lora_args(parser, args)
     return args
 
 

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.errors import UsageError, UserError  # noqa: E402
+from ldm.cli import add_lora_args, check_lora_args, exit_status  # noqa: E402
+from ldm.errors import UsageError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,15 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--merge", action="store_true",
                         help="write full weights with the LoRA adapters merged in: those of a LoRA run's checkpoint "
                         "and the --lora files (W += scale * alpha/rank * up @ down)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA file to merge (with --merge)")
-    parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
-                        help="strength of the --lora files: one for all, or one per --lora (default 1)")
+    add_lora_args(parser, "LoRA file to merge (with --merge)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     if args.lora and not args.merge:
         parser.error("--lora files are merged into the weights: add --merge")
-    if args.lora_scale and not args.lora:
-        parser.error("--lora-scale needs --lora")
+    check_lora_args(parser, args)
     if Path(args.output).suffix != ".safetensors":
         parser.error(f"output must end in .safetensors, got {args.output}")
     return args
@@ -95,12 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(run, parse_args(argv))
 
 
 if __name__ == "__main__":
