@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 from ldm.data.transforms import fit_for_edit  # noqa: E402
 from ldm.editing import resolve_device  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.data.pair_generation import Pair, Photo, generate, pair_seed  # noqa: E402
 from ldm.data.pair_store import PairStore  # noqa: E402
-from scripts.generate_dataset import Pair, Photo, generate, pair_seed  # noqa: E402
 
 logger = logging.getLogger("bench_generate")
 

@@ -12,7 +12,6 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ldm.data.transforms import is_image_file
 from ldm.errors import MissingFileError, UsageError
 from ldm.fileio import atomic_path
 
@@ -64,6 +63,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def find_images(spec: str, option: str) -> list[Path]:
     """An image file, the image files of a folder (sorted), or those matching a glob pattern."""
+    from ldm.data.transforms import is_image_file  # here: it imports torch, which the scripts' --help does without
+
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]

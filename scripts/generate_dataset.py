@@ -24,7 +24,6 @@ import functools
 import hashlib
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ldm.cli import add_model_args, add_sampling_args, check_sampling_args, run_cli  # noqa: E402
+from ldm.data.pair_generation import Pair, Photo, generate, pair_seed  # noqa: E402
 from ldm.data.pair_store import SETTINGS, SETTINGS_FORMAT, PairStore  # noqa: E402
 from ldm.errors import UsageError  # noqa: E402
 
@@ -44,28 +44,6 @@ FORWARD_TEMPLATES = {"train": "replace the {source} with a {identifier} {class}"
 RECIPE_KEYS = ("mode", "class_word", "source_word", "identifier", "forward_template", "reverse_template", "steps",
                "cfg_text", "cfg_image", "resolution", "sampler", "seed", "ema", "photos", "filter")
 DEFAULT_CANDIDATES = 4
-
-
-@dataclass(frozen=True)
-class Photo:
-    """A real photo: ``kind`` is subject (train), source or class (reg); ``sha256`` of its bytes once read."""
-
-    kind: str
-    path: Path
-    sha256: str = ""
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One planned pair: which photo is edited with which instruction and seed, and which side is generated."""
-
-    index: int
-    photo: Photo
-    seed: int
-    kind: str  # train | reg_source | reg_class
-    edit_instruction: str  # given to InstructPix2Pix
-    instruction: str  # the pair's caption (forward direction)
-    generated: str  # "input" (NN_0) or "target" (NN_1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,12 +181,6 @@ def load_photos(photos: list[Photo], resolution: int, skip_unreadable: bool) -> 
     return readable, images
 
 
-def pair_seed(base: int, index: int) -> int:
-    """Seed of pair ``index``: a hash of (base, index), so no pair's noise (seed, ancestral seed+1) is another's."""
-    digest = hashlib.sha256(f"instruct2dream:{base}:{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
 def plan_pairs(args: argparse.Namespace, words: dict[str, str], photos: list[Photo], total: int) -> list[Pair]:
     """Every pair of the dataset, in index order, from the photos, the seed and the templates alone."""
     forward = fill_template(args.forward_template, "--forward_template", words)
@@ -246,75 +218,6 @@ def checkpoint_identity(path: Path, before: dict | None, quiet: bool) -> dict:
                          f"{before['sha256'][:12]}…), not {path} (sha256 {identity['sha256'][:12]}…); "
                          "use a new --output folder")
     return identity
-
-
-def candidate_seed(seed: int, candidate: int) -> int:
-    """Seed of a pair's ``candidate``-th edit under --filter: the pair's own seed first, then derived ones."""
-    return seed if candidate == 0 else pair_seed(seed, candidate)
-
-
-def generate(model: Any, pairs: list[Pair], images: dict[Path, Any], folder: PairStore, record_base: dict,
-             batch_size: int, quiet: bool = False, selector: Any = None, candidates: int = 1) -> int:
-    """Edit the photos of ``pairs`` (same-size photos share a batch) and commit each pair; returns the count.
-
-    ``record_base``: the manifest fields shared by every pair, sampling settings included (steps, sampler,
-    precision, cfg_text, cfg_image). With a ``selector`` (`ldm.evaluation.filtering.ClipPairFilter`) each pair is
-    edited ``candidates`` times (seeds `candidate_seed`) and the selected edit is kept; its record gets ``filter``.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from ldm.data.transforms import image_to_tensor, tensor_to_image
-    from ldm.editing import decode_to_images, edit_latents, same_size_batches
-
-    device = next(model.parameters()).device
-    batches = same_size_batches(pairs, lambda pair: images[pair.photo.path].size, batch_size)
-    base = record_base
-    with tqdm(total=len(pairs), desc="generating", unit="pair", disable=quiet) as bar:
-        for batch in batches:
-            jobs = [(pair, candidate_seed(pair.seed, k)) for pair in batch for k in range(candidates)]
-            edits = []
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start : start + batch_size]
-                pixels = torch.stack([image_to_tensor(images[p.photo.path]) for p, _ in chunk]).to(device)  # (B, 3, H, W)
-                n = len(chunk)
-                latents = edit_latents(model, pixels, [p.edit_instruction for p, _ in chunk], [base["cfg_text"]] * n,
-                                       [base["cfg_image"]] * n, [seed for _, seed in chunk], steps=base["steps"],
-                                       sampler=base["sampler"], precision=base["precision"])  # (B, 4, H/8, W/8)
-                edits += [tensor_to_image(x) for x in decode_to_images(model, latents, base["precision"])]
-            for number, pair in enumerate(batch):
-                real, made = images[pair.photo.path], edits[number * candidates]
-                if made.size != real.size:
-                    raise ValueError(f"the edit of {pair.photo.path} is {made.size}, the photo {real.size}")
-                extra = {}
-                if selector is not None:
-                    made, extra["filter"] = select_edit(selector, pair, real,
-                                                        edits[number * candidates : (number + 1) * candidates], base)
-                names = folder.pair_names(pair.index)
-                record = {
-                    **base, "index": pair.index, "input": names[0], "target": names[1],
-                    "instruction": pair.instruction, "edit_instruction": pair.edit_instruction,
-                    "generated": pair.generated, "kind": pair.kind, "seed": pair.seed, "width": real.width,
-                    "height": real.height, "source_photo": str(pair.photo.path.resolve()),
-                    "source_name": pair.photo.path.name, "source_sha256": pair.photo.sha256, **extra,
-                }
-                sides = (made, real) if pair.generated == "input" else (real, made)
-                for role, image, name in zip(("input", "target"), sides, names):
-                    folder.write_image(image, name, {**record, "role": role})
-                folder.append_record(record)
-                bar.update(1)
-    return len(pairs)
-
-
-def select_edit(selector: Any, pair: Pair, real: Any, edits: list[Any], base: dict) -> tuple[Any, dict]:
-    """The edit the CLIP filter keeps among a pair's candidates, and the filter's record (scores, chosen seed)."""
-    befores, afters = ([edits, [real] * len(edits)] if pair.generated == "input" else [[real] * len(edits), edits])
-    index, record = selector.select(befores, afters, base["source_word"], base["class_word"])
-    record["chosen_seed"] = candidate_seed(pair.seed, index)
-    if not record["passed"]:
-        logger.warning("pair %d: no candidate passes the CLIP filter; keeping the best (clip_sim_dir %.3f)",
-                       pair.index, record["candidates"][index]["clip_sim_dir"])
-    return edits[index], record
 
 
 def run(args: argparse.Namespace, on_commit: Callable[[int], None] | None = None) -> int:

@@ -447,7 +447,8 @@ def test_filter_scores_and_choice(encoders):
 
 def test_generate_dataset_keeps_the_filter_choice(encoders, encoder_dirs, tmp_path, capsys):
     from ldm.evaluation.filtering import choose, pair_scores
-    from scripts.generate_dataset import candidate_seed, main as generate
+    from ldm.data.pair_generation import candidate_seed
+    from scripts.generate_dataset import main as generate
     from tests.tiny import TINY_CONFIG, save_tiny_checkpoint
 
     photos = tmp_path / "photos"
