@@ -21,9 +21,13 @@ INSTALL_REQUIRES = [
     "regex==2026.11.19",
 ]
 
-# Test-only: diffusers is the reference oracle; scikit-image ships real photos usable offline.
-TEST_REQUIRES = [
+# Optional: scripts/convert_to_diffusers.py (`pip install -e .[convert]`) writes a diffusers folder with diffusers.
+CONVERT_REQUIRES = [
     "diffusers==0.42.1",
+]
+
+# Test-only: diffusers is the reference oracle; scikit-image ships real photos usable offline.
+TEST_REQUIRES = CONVERT_REQUIRES + [
     "scikit-image==0.26.0",
     "pytest==9.2.0",
 ]
@@ -47,5 +51,10 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES + MEMORY_REQUIRES, "eval": EVAL_REQUIRES, "memory": MEMORY_REQUIRES},
+    extras_require={
+        "test": TEST_REQUIRES + MEMORY_REQUIRES,
+        "eval": EVAL_REQUIRES,
+        "memory": MEMORY_REQUIRES,
+        "convert": CONVERT_REQUIRES,
+    },
 )
