@@ -122,7 +122,7 @@ def scheduler_config(model: Any) -> tuple[str, dict[str, Any]]:
     return SCHEDULERS[model.parameterization], config
 
 
-def _empty_component(name: str, config: Any) -> torch.nn.Module:
+def empty_component(name: str, config: Any) -> torch.nn.Module:
     """The diffusers/transformers module of component ``name`` built on the meta device (shapes only)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -152,7 +152,7 @@ def convert_weights(state: Mapping[str, torch.Tensor], configs: Mapping[str, Any
         "text_encoder": {k[len(TEXT_MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_MODEL_PREFIX)},
     }
     for name, weights in converted.items():
-        module = _empty_component(name, configs[name])
+        module = empty_component(name, configs[name])
         if hasattr(module, "text_model"):  # transformers < 5.6 nests CLIPTextModel's weights under text_model.
             weights = converted[name] = {f"text_model.{k}": v for k, v in weights.items()}
         report = compare_keys(weights, {k: v.shape for k, v in module.state_dict().items()})
@@ -185,7 +185,7 @@ def build_pipeline(model: Any, config: Any, dtype: torch.dtype = torch.float32) 
     weights = convert_weights(model.state_dict(), configs)
     components: dict[str, torch.nn.Module] = {}
     for name in ("unet", "vae"):
-        module = _empty_component(name, configs[name])
+        module = empty_component(name, configs[name])
         module.load_state_dict({k: v.detach().to("cpu", dtype) for k, v in weights[name].items()}, strict=True,
                                assign=True)
         components[name] = module.eval()
