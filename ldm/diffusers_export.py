@@ -36,6 +36,12 @@ PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text
 TEXT_MODEL_PREFIX = PREFIXES["text_encoder"] + "text_model."
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample"}
 SCHEDULERS = {"eps": "EulerAncestralDiscreteScheduler", "x0": "EulerDiscreteScheduler"}
+# The classes whose diffusers counterparts the pipeline has (UNet2DConditionModel, AutoencoderKL, CLIPTextModel).
+TARGETS = {
+    "unet_config": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+    "first_stage_config": "ldm.models.autoencoder.AutoencoderKL",
+    "cond_stage_config": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+}
 
 
 def import_diffusers() -> ModuleType:
@@ -67,7 +73,8 @@ def check_convertible(config: Any) -> None:
     params = _plain(config).get("model", {}).get("params", {})
     unet = params.get("unet_config", {}).get("params", {})
     text = params.get("cond_stage_config", {}).get("params") or {}
-    problems = []
+    problems = [f"{key} must be {target}, found {params.get(key, {}).get('target')}"
+                for key, target in TARGETS.items() if params.get(key, {}).get("target") != target]
     if params.get("conditioning_key") != "hybrid" or unet.get("in_channels") != 2 * unet.get("out_channels", 0):
         problems.append("it is not an InstructPix2Pix model (conditioning_key: hybrid, UNet in_channels twice its "
                         f"out_channels), found conditioning_key {params.get('conditioning_key')!r}, in_channels "

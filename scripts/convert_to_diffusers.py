@@ -20,6 +20,7 @@ renamed when complete; an existing non-empty folder is only replaced with --over
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import shutil
@@ -65,16 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextmanager
-def folder_written_atomically(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on error it is removed.
-
-    An existing non-empty ``out`` is refused unless ``overwrite``; it is removed only once the new folder is in place.
-    """
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, or a non-empty folder without ``--overwrite``."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+@contextmanager
+def folder_written_atomically(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on error it is removed.
+
+    An existing ``out`` is removed only once the new folder is in place (and put back if that fails).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -97,8 +102,6 @@ def folder_written_atomically(out: Path, overwrite: bool) -> Iterator[Path]:
 
 def tokenizer_source(config, override: str | None) -> str:
     """The tokenizer our text encoder loads: --tokenizer, else the config's ``tokenizer``, else its ``version``."""
-    import inspect
-
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
     params = config.model.params.cond_stage_config.get("params") or {}
@@ -115,18 +118,19 @@ def run(args: argparse.Namespace) -> int:
     from ldm.lora import lora_scales
     from ldm.modules.encoders.tokenizer import load_clip_tokenizer
 
+    out = Path(args.out)
     scales = lora_scales(args.lora, args.lora_scale)
     for path in [args.config, args.ckpt, *args.lora]:
         if not Path(path).is_file():
             raise MissingFileError(f"{path}: no such file")
-    import_diffusers()
+    check_out(out, args.overwrite)
     config = OmegaConf.load(args.config)
     if "model" not in config:
         raise UsageError(f"{args.config}: no 'model' section")
     check_convertible(config)
+    import_diffusers()
     source = tokenizer_source(config, args.tokenizer)
-    out = Path(args.out)
-    with folder_written_atomically(out, args.overwrite) as tmp:
+    with folder_written_atomically(out) as tmp:
         # The tokenizer first (a missing one fails fast), saved where the model loads it from: the folder gets the
         # very tokenizer the converted text encoder was used with.
         try:

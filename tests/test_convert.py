@@ -162,8 +162,7 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path):
     assert _snapshot(out) == before  # a failed conversion leaves the old folder as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt", "half"]
 
-    replaced = _cli("--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--out", str(out), "--overwrite")
-    assert replaced.returncode == 0, replaced.stderr
+    assert _convert("--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--out", str(out), "--overwrite") == 0
     assert _snapshot(out) != before and (out / "unet" / "config.json").read_bytes() == before["unet/config.json"]
 
 
@@ -250,4 +249,7 @@ def test_models_diffusers_cannot_express_are_refused():
     penultimate.model.params.cond_stage_config.params.layer = "penultimate"
     with pytest.raises(ConfigError, match="last layer"):
         check_convertible(penultimate)
+    with pytest.raises(ConfigError, match="first_stage_config must be ldm.models.autoencoder.AutoencoderKL"):
+        check_convertible(OmegaConf.load(REPO / "configs" / "shapesworld" / "base.yaml"))  # a pixel-space toy
     check_convertible(reference_config("ip2p-generate.yaml"))
+    check_convertible(OmegaConf.load(REPO / "configs" / "instruct-pix2pix" / "generate.yaml"))
