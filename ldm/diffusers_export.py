@@ -32,7 +32,11 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'instruct2dream[convert]'"
 # Where each diffusers component's weights sit in our (the original CompVis) layout.
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
 TEXT_MODEL_PREFIX = PREFIXES["text_encoder"] + "text_model."
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample"}
 SCHEDULERS = {"eps": "EulerAncestralDiscreteScheduler", "x0": "EulerDiscreteScheduler"}
@@ -69,7 +73,7 @@ def _plain(config: Any) -> dict[str, Any]:
 
 
 def check_convertible(config: Any) -> None:
-    """Refuse (`ConfigError`) a config whose model diffusers' InstructPix2Pix pipeline cannot express; fast, no weights."""
+    """Refuse (`ConfigError`) a config whose model diffusers' InstructPix2Pix pipeline cannot express (no weights)."""
     params = _plain(config).get("model", {}).get("params", {})
     unet = params.get("unet_config", {}).get("params", {})
     text = params.get("cond_stage_config", {}).get("params") or {}
@@ -97,7 +101,7 @@ def model_configs(model: Any, config: Any) -> dict[str, Any]:
     params = original["model"]["params"]
     ddconfig = params["first_stage_config"]["params"]["ddconfig"]
     # diffusers sizes in pixels; ours (model.params.image_size) is the latent size the model was trained at.
-    pixels = int(params.get("image_size", 64)) * 2 ** (len(ddconfig["ch_mult"]) - 1)
+    pixels = int(model.image_size) * 2 ** (len(ddconfig["ch_mult"]) - 1)
     with warnings.catch_warnings():  # passing image_size (instead of guessing it from the weights) is "deprecated"
         warnings.filterwarnings("ignore", message=".*image_size.*", category=FutureWarning)
         unet = create_unet_diffusers_config_from_ldm(original, {}, image_size=pixels)
@@ -140,7 +144,9 @@ def empty_component(name: str, config: Any) -> torch.nn.Module:
         return (UNet2DConditionModel if name == "unet" else AutoencoderKL)(**config)
 
 
-def convert_weights(state: Mapping[str, torch.Tensor], configs: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+def convert_weights(
+    state: Mapping[str, torch.Tensor], configs: Mapping[str, Any]
+) -> dict[str, dict[str, torch.Tensor]]:
     """Our state dict (original layout, no EMA copy) → ``{component: diffusers state dict}``, checked strictly.
 
     Each diffusers state dict must hold exactly its module's keys with their shapes, and as many elements as our
@@ -203,8 +209,8 @@ def build_pipeline(model: Any, config: Any, dtype: torch.dtype = torch.float32) 
         meta = [k for k, v in [*module.named_parameters(), *module.named_buffers()] if v.is_meta]
         if meta:
             raise RuntimeError(f"{name}: {len(meta)} tensor(s) left without data after loading, e.g. {meta[0]}")
-    logger.info("diffusers components: UNet %s, autoencoder (scaling factor %g), %s", configs["unet"]["down_block_types"],
-                configs["vae"]["scaling_factor"], scheduler_class)
+    logger.info("diffusers components: UNet %s, autoencoder (scaling factor %g), %s",
+                configs["unet"]["down_block_types"], configs["vae"]["scaling_factor"], scheduler_class)
     return diffusers.StableDiffusionInstructPix2PixPipeline(
         **components, tokenizer=encoder.tokenizer, scheduler=getattr(diffusers, scheduler_class).from_config(scheduler),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -26,7 +26,7 @@ from scripts.convert_to_diffusers import main
 from tests.reference import reference_config
 from tests.test_edit_parity import PROMPT, STEPS, _photo
 from tests.test_lora import LORA, lora_model
-from tests.tiny import REPO, TINY_CONFIG, save_tiny_checkpoint, tiny_config
+from tests.tiny import REPO, TINY_CONFIG, build_tiny_model, save_tiny_checkpoint, tiny_config
 
 SEED = 7
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -115,6 +115,7 @@ def test_lora_merged_before_converting(tiny_ckpt, tmp_path):
 
 
 def test_x0_model_gets_a_sample_predicting_euler_scheduler(tmp_path):
+    """diffusers' ancestral Euler has no x0 prediction: an x0 model's folder gets Euler, equal to our "euler"."""
     config = tmp_path / "x0.yaml"
     OmegaConf.save(tiny_config(parameterization="x0", scale_factor=1.0), config)
     ckpt = save_tiny_checkpoint(tmp_path / "x0.safetensors", seed=4, use_ema=False, parameterization="x0")
@@ -241,7 +242,7 @@ def test_full_size_model_maps_key_for_key():
 
 
 def test_models_diffusers_cannot_express_are_refused():
-    from ldm.diffusers_export import check_convertible
+    from ldm.diffusers_export import check_convertible, scheduler_config
 
     with pytest.raises(ConfigError, match="not an InstructPix2Pix model"):
         check_convertible(reference_config("sd-v1-inference.yaml"))
@@ -253,3 +254,6 @@ def test_models_diffusers_cannot_express_are_refused():
         check_convertible(OmegaConf.load(REPO / "configs" / "shapesworld" / "base.yaml"))  # a pixel-space toy
     check_convertible(reference_config("ip2p-generate.yaml"))
     check_convertible(OmegaConf.load(REPO / "configs" / "instruct-pix2pix" / "generate.yaml"))
+    with pytest.raises(ConfigError, match="noise schedule"):
+        scheduler_config(build_tiny_model(use_ema=False, beta_schedule="cosine"))
+    assert scheduler_config(build_tiny_model(use_ema=False))[1]["beta_schedule"] == "scaled_linear"
