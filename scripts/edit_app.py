@@ -26,13 +26,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ldm.errors import UsageError, UserError  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from ldm.editing import LoadedModel
 
 # edit_cli's defaults, CLI runner and PNG metadata writer: one place to import them from.
 from scripts.edit_cli import DEFAULT_CKPT, DEFAULT_CONFIG, SAMPLER_NAMES, run_cli, save_image  # noqa: E402
@@ -98,6 +104,11 @@ def parse_scales(text: str, what: str) -> list[float]:
     return values
 
 
+def unreadable_message(name: str) -> str:
+    """The page's message for an upload that is not a readable image."""
+    return f"“{name}” is not an image that can be read: upload a photo (JPEG, PNG, WebP, …)."
+
+
 @dataclass
 class EditResult:
     """What one run of the page produced: the image shown, the PNG files to download, the seed used."""
@@ -114,8 +125,8 @@ class EditResult:
 class Editor:
     """The model of one app process, loaded once, and the edits made with it (written under ``out_dir``)."""
 
-    loaded: Any  # ldm.editing.LoadedModel
-    device: Any  # torch.device
+    loaded: LoadedModel
+    device: torch.device
     precision: str
     out_dir: Path
     max_pixels: float
@@ -139,7 +150,7 @@ class Editor:
 
         One pair writes ``<stem>_seed<S>.png``; several write one PNG per pair and a labelled grid (shown first).
         """
-        from ldm.data.transforms import image_to_tensor, load_for_edit, tensor_to_image
+        from ldm.data.transforms import image_to_tensor, tensor_to_image
         from ldm.editing import decode_to_images, edit_latents
         from ldm.visualization import labelled_grid
 
@@ -160,8 +171,7 @@ class Editor:
             raise UsageError(f"A sweep of {len(cfg_text)} × {len(cfg_image)} = {len(combos)} edits is more than "
                              f"{MAX_SWEEP_TILES}: give fewer guidance values.")
         source = Path(photo)
-        self._check_photo(source)
-        image = load_for_edit(source, resolution)
+        image = self._load_photo(source, resolution)
 
         start = time.perf_counter()
         self.edits += 1
@@ -194,18 +204,19 @@ class Editor:
         logger.info("edit %d: %s, %d image(s), seed %d, %.1f s", self.edits, source.name, len(combos), seed, seconds)
         return EditResult(files[0], files, seed, image.size, seconds, self.edits)
 
-    def _check_photo(self, path: Path) -> None:
-        """Refuse an upload that is not a readable image, or has more pixels than the limit, with a clear message."""
-        from ldm.data.transforms import ImageLoadError, probe_image
+    def _load_photo(self, path: Path, resolution: int) -> Image.Image:
+        """The uploaded photo at its edit size (`load_for_edit`, as edit_cli); a clear message when it is not a
+        readable image or has more pixels than the limit."""
+        from ldm.data.transforms import ImageLoadError, load_for_edit, probe_image
 
         try:
             width, height = probe_image(path)
+            if width * height > self.max_pixels:
+                raise UsageError(f"“{path.name}” is too large: {width}×{height} is {width * height / 1e6:.0f} "
+                                 f"megapixels, the limit is {self.max_pixels / 1e6:g}. Upload a smaller photo.")
+            return load_for_edit(path, resolution)
         except ImageLoadError:
-            raise UsageError(f"“{path.name}” is not an image that can be read: upload a photo (JPEG, PNG, WebP, …).") \
-                from None
-        if width * height > self.max_pixels:
-            raise UsageError(f"“{path.name}” is too large: {width}×{height} is {width * height / 1e6:.0f} megapixels, "
-                             f"the limit is {self.max_pixels / 1e6:g}. Upload a smaller photo.")
+            raise UsageError(unreadable_message(path.name)) from None
 
 
 def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
@@ -226,8 +237,7 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
                                print_exception=False) from None
             except Exception:  # noqa: BLE001 — whatever gradio's decoding raised, the user gets one clear line
                 name = getattr(payload, "orig_name", None) or "the upload"
-                raise gr.Error(f"“{name}” is not an image that can be read: upload a photo (JPEG, PNG, WebP, …).",
-                               print_exception=False) from None
+                raise gr.Error(unreadable_message(name), print_exception=False) from None
 
     def run(photo: str | None, instruction: str, seed: float | None, randomize: bool, steps: float | None,
             text_scale: float, image_scale: float, sweep: bool, sweep_text: str, sweep_image: str, sampler: str,
