@@ -241,7 +241,7 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
 
     def run(photo: str | None, instruction: str, seed: float | None, randomize: bool, steps: float | None,
             text_scale: float, image_scale: float, sweep: bool, sweep_text: str, sweep_image: str, sampler: str,
-            resolution: float | None, progress: gr.Progress = gr.Progress()) -> tuple:
+            resolution: float | None, progress: gr.Progress = gr.Progress()) -> tuple[str, int, int, list[str], str]:
         try:
             if randomize:
                 seed = random.randint(0, SEED_MAX)
@@ -273,7 +273,7 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
                     seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, maximum=SEED_MAX,
                                      elem_id="seed")
                     randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
-                steps = gr.Slider(1, 200, value=args.steps, step=1, label="Steps", elem_id="steps")
+                steps = gr.Slider(1, max(200, args.steps), value=args.steps, step=1, label="Steps", elem_id="steps")
                 text_scale = gr.Slider(1.0, 20.0, value=7.5, step=0.1, label="Text CFG (s_T)", elem_id="cfg-text")
                 image_scale = gr.Slider(0.5, 5.0, value=1.5, step=0.05, label="Image CFG (s_I)", elem_id="cfg-image")
                 with gr.Accordion("CFG sweep", open=False):
@@ -304,6 +304,10 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
 def serve(args: argparse.Namespace) -> int:
     """Load the model once, then serve the page until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
+    try:
+        import gradio  # noqa: F401 — checked before the (slow) model load
+    except ImportError:
+        raise UsageError("the browser editor needs gradio: pip install -e '.[app]'") from None
     from ldm.editing import load_model, resolve_device
     from ldm.lora import lora_scales
 
@@ -320,10 +324,13 @@ def serve(args: argparse.Namespace) -> int:
         editor = Editor(loaded, device, precision, Path(out_dir), args.max_megapixels * 1e6, loras)
         page = build_ui(editor, args)
         logger.info("serving on http://%s:%d (device %s, precision %s)", args.host, args.port, device, precision)
-        page.queue(default_concurrency_limit=1).launch(
-            server_name=args.host, server_port=args.port, share=False, inbrowser=False, ssr_mode=False,
-            max_file_size=MAX_UPLOAD_SIZE, allowed_paths=[out_dir], footer_links=[], quiet=args.quiet,
-        )
+        try:
+            page.queue(default_concurrency_limit=1).launch(
+                server_name=args.host, server_port=args.port, share=False, inbrowser=False, ssr_mode=False,
+                max_file_size=MAX_UPLOAD_SIZE, allowed_paths=[out_dir], footer_links=[], quiet=args.quiet,
+            )
+        except OSError as err:  # the port is taken, or the address is not this machine's
+            raise UsageError(f"cannot serve on {args.host}:{args.port}: {err}") from None
     return 0
 
 

@@ -131,7 +131,7 @@ def browser() -> Iterator:
 
 
 @pytest.fixture
-def page(app, browser):
+def page(browser, app):
     """A fresh page on the app; every request that leaves the app is blocked and recorded in ``page.external``."""
     context = browser.new_context(accept_downloads=True)
     page = context.new_page()
