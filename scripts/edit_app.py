@@ -289,7 +289,7 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
                 button = gr.Button("Edit", variant="primary", elem_id="run")
             with gr.Column():
                 result = gr.Image(label="Result", type="filepath", format="png", interactive=False,
-                                  elem_id="result")
+                                  buttons=["download", "fullscreen"], elem_id="result")  # no share: it uploads
                 status = gr.Markdown(elem_id="status")
                 seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
                 files = gr.File(label="Download (PNG, settings in its metadata)", file_count="multiple",
