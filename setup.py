@@ -13,7 +13,7 @@ INSTALL_REQUIRES = [
     "transformers==5.24.0",
     "tokenizers==0.23.3",
     "kornia==0.9.0",
-    "pillow==13.0.0",
+    "pillow==12.3.0",
     "numpy==2.4.6",
     "tqdm==4.70.1",
     "safetensors==0.8.0",
@@ -21,11 +21,17 @@ INSTALL_REQUIRES = [
     "regex==2026.11.19",
 ]
 
-# Test-only: diffusers is the reference oracle; scikit-image ships real photos usable offline.
-TEST_REQUIRES = [
+# Optional: scripts/convert_to_diffusers.py (`pip install -e .[convert]`) writes a diffusers folder with diffusers.
+CONVERT_REQUIRES = [
     "diffusers==0.42.1",
+]
+
+# Test-only: diffusers is the reference oracle; scikit-image ships real photos usable offline; playwright drives the
+# OS's Chromium (/usr/bin/chromium, Debian's package; playwright's own browser download is never used) to test the app.
+TEST_REQUIRES = CONVERT_REQUIRES + [
     "scikit-image==0.26.0",
     "pytest==9.2.0",
+    "playwright==1.65.2",
 ]
 
 # Optional: plots of scripts/evaluate.py (`pip install -e .[eval]`); matplotlib does not pull torchvision.
@@ -40,6 +46,12 @@ MEMORY_REQUIRES = [
     "bitsandbytes==0.50.2",
 ]
 
+# Optional: the browser editor scripts/edit_app.py (`pip install -e .[app]`). gradio 6 caps pillow below 13 (hence the
+# core pin on 12.x); its dependencies leave torch alone and include no torchvision.
+APP_REQUIRES = [
+    "gradio==6.31.0",
+]
+
 setup(
     name="instruct2dream",
     version="0.1.0",
@@ -47,5 +59,11 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES + MEMORY_REQUIRES, "eval": EVAL_REQUIRES, "memory": MEMORY_REQUIRES},
+    extras_require={
+        "test": TEST_REQUIRES + MEMORY_REQUIRES + APP_REQUIRES,
+        "eval": EVAL_REQUIRES,
+        "memory": MEMORY_REQUIRES,
+        "app": APP_REQUIRES,
+        "convert": CONVERT_REQUIRES,
+    },
 )
