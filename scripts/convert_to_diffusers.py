@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ldm.cli import DEFAULT_CONFIG, add_lora_args, check_lora_args, run_cli  # noqa: E402
 from ldm.errors import MissingFileError, UsageError  # noqa: E402
-from scripts.edit_cli import DEFAULT_CONFIG, run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,18 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="convert the checkpoint's EMA UNet weights (error if it has none; default: when it has them)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="convert its training (non-EMA) UNet weights")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE",
-                        help="LoRA file (kohya/A1111 layout) merged into the weights before converting; repeatable")
-    parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
-                        help="strength of the --lora files: one value for all, or one per --lora in order (default 1)")
+    add_lora_args(parser, "LoRA file (kohya/A1111 layout) merged into the weights before converting; repeatable")
     parser.add_argument("--half", action="store_true", help="write float16 weights (half the size)")
     parser.add_argument("--tokenizer", default=None,
                         help="CLIP tokenizer (local folder or hub id) to use and save; default: the config's")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
     args = parser.parse_args(argv)
-    if args.lora_scale and not args.lora:
-        parser.error("--lora-scale needs --lora")
+    check_lora_args(parser, args)
     return args
 
 

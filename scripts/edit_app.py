@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ldm.cli import DEFAULT_CKPT, DEFAULT_CONFIG, SAMPLER_NAMES, add_lora_args, check_lora_args, run_cli  # noqa: E402
 from ldm.errors import UsageError, UserError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -39,9 +40,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ldm.editing import LoadedModel
-
-# edit_cli's defaults, CLI runner and PNG metadata writer: one place to import them from.
-from scripts.edit_cli import DEFAULT_CKPT, DEFAULT_CONFIG, SAMPLER_NAMES, run_cli, save_image  # noqa: E402
 
 logger = logging.getLogger("edit_app")
 
@@ -57,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ckpt", default=DEFAULT_CKPT, help="model weights (.ckpt or .safetensors, original layout)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config (YAML, target/params)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE",
-                        help="LoRA file (kohya/A1111 layout) merged into the weights at load; repeat for several")
-    parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
-                        help="strength of the --lora files: one value for all, or one per --lora in order (default 1)")
+    add_lora_args(parser, "LoRA file (kohya/A1111 layout) merged into the weights at load; repeat for several")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="use the checkpoint's EMA UNet weights (error if it has none)")
@@ -86,8 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resolution must be at least 64, got {args.resolution}")
     if args.max_megapixels <= 0:
         parser.error(f"--max-megapixels must be positive, got {args.max_megapixels}")
-    if args.lora_scale and not args.lora:
-        parser.error("--lora-scale needs --lora")
+    check_lora_args(parser, args)
     return args
 
 
@@ -152,6 +146,7 @@ class Editor:
         """
         from ldm.data.transforms import image_to_tensor, tensor_to_image
         from ldm.editing import decode_to_images, edit_latents
+        from ldm.image_io import save_image
         from ldm.visualization import labelled_grid
 
         if photo is None:
@@ -308,7 +303,7 @@ def serve(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401 — checked before the (slow) model load
     except ImportError:
         raise UsageError("the browser editor needs gradio: pip install -e '.[app]'") from None
-    from ldm.editing import load_model, resolve_device
+    from ldm.editing import load_model, resolve_device, resolve_precision
     from ldm.lora import lora_scales
 
     loras = list(zip(args.lora, lora_scales(args.lora, args.lora_scale)))
@@ -316,7 +311,7 @@ def serve(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"--lora {missing[0]}: no such file")
     device = resolve_device(args.device)
-    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
     loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer, loras=loras)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests to the page
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: the server closes, files go
