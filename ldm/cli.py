@@ -66,10 +66,11 @@ def check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--steps``, ``--resolution`` and ``--batch-size`` below their minimum are parser errors."""
+    """``--steps``, ``--resolution`` and ``--batch-size`` (those the parser has) below their minimum are errors."""
     for name, minimum in (("steps", 1), ("resolution", 64), ("batch_size", 1)):
-        if getattr(args, name) < minimum:
-            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
 
 
 def exit_status(run_fn: Callable[..., int], *args: Any) -> int:

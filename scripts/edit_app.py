@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import DEFAULT_CKPT, DEFAULT_CONFIG, SAMPLER_NAMES, add_lora_args, check_lora_args, run_cli  # noqa: E402
+from ldm.cli import (DEFAULT_CKPT, DEFAULT_CONFIG, SAMPLER_NAMES, add_lora_args, check_lora_args,  # noqa: E402
+                     check_sampling_args, run_cli)
 from ldm.errors import UsageError, UserError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -75,10 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.resolution < 64:
-        parser.error(f"--resolution must be at least 64, got {args.resolution}")
+    check_sampling_args(parser, args)
     if args.max_megapixels <= 0:
         parser.error(f"--max-megapixels must be positive, got {args.max_megapixels}")
     check_lora_args(parser, args)

@@ -28,8 +28,6 @@ from ldm.cli import (add_lora_args, add_model_args, add_sampling_args, check_lor
                      check_sampling_args, run_cli)
 from ldm.errors import UsageError  # noqa: E402
 
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
 
 @dataclass(frozen=True)
 class Job:
@@ -64,10 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan_jobs(inputs: list[Path], output: str, cfg_text: list[float], cfg_image: list[float]) -> tuple[list[Job], dict]:
     """Decide every output path; returns the jobs and, for sweeps, ``{input: grid path}``."""
+    from ldm.image_io import FORMATS
+
     combos = list(itertools.product(cfg_text, cfg_image))
     sweep = len(combos) > 1
     out = Path(output)
-    single_file = out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()
+    single_file = out.suffix.lower() in FORMATS and not out.is_dir()  # the suffixes `save_image` writes
     if single_file and len(inputs) > 1:
         raise UsageError(f"--output {out} is a file name but --input has {len(inputs)} images: give a folder")
     stems: dict[str, Path] = {}
