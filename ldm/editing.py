@@ -91,6 +91,27 @@ class LoadedModel:
     used_ema: bool
 
 
+def inference_config(config_path: str | os.PathLike[str], tokenizer: str | None = None) -> Any:
+    """The model config of ``config_path`` made ready for editing: no ``ckpt_path`` (`load_model` loads once,
+    strictly), no separate EMA copy, no training-only LoRA/precision settings, and ``tokenizer`` (a folder or hub
+    id) for the text encoder when given."""
+    config = OmegaConf.load(config_path)
+    if "model" not in config:
+        raise UsageError(f"{config_path}: no 'model' section")
+    if "params" not in config.model:
+        config.model.params = {}
+    params = config.model.params  # the node itself: OmegaConf's setdefault would hand back a detached copy
+    params.pop("ckpt_path", None)
+    params["use_ema"] = False  # EMA weights, when wanted, are copied into model.* instead of kept twice
+    # A LoRA run's config trains adapters on top of the base: for inference its file is merged instead (``loras``),
+    # and the precision of every part is the caller's (``precision``), not the training run's memory settings.
+    params.pop("lora_config", None)
+    params.pop("frozen_dtype", None)
+    if tokenizer is not None:
+        OmegaConf.update(params, "cond_stage_config.params.tokenizer", tokenizer)
+    return config
+
+
 def load_model(
     config_path: str | os.PathLike[str],
     ckpt_path: str | os.PathLike[str],
@@ -113,18 +134,7 @@ def load_model(
     """
     config_path, ckpt_path = Path(config_path), Path(ckpt_path)
     require_model_files(config_path, ckpt_path)
-    config = OmegaConf.load(config_path)
-    if "model" not in config:
-        raise UsageError(f"{config_path}: no 'model' section")
-    params = config.model.setdefault("params", {})
-    params.pop("ckpt_path", None)  # loaded below, once and strictly
-    params["use_ema"] = False  # EMA weights, when wanted, are copied into model.* instead of kept twice
-    # A LoRA run's config trains adapters on top of the base: for inference its file is merged instead (``loras``),
-    # and the precision of every part is the caller's (``precision``), not the training run's memory settings.
-    params.pop("lora_config", None)
-    params.pop("frozen_dtype", None)
-    if tokenizer is not None:
-        params.cond_stage_config.setdefault("params", {})["tokenizer"] = tokenizer
+    config = inference_config(config_path, tokenizer)
     state = load_state_dict_file(ckpt_path)
     if is_peft_state(state):
         raise UsageError(f"{ckpt_path} is a LoRA run's checkpoint: edit with the base checkpoint and --lora "

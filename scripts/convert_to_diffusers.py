@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     check_convertible(config)
     import_diffusers()
     source = tokenizer_source(config, args.tokenizer)
-    with folder_written_atomically(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with folder_written_atomically(out) as tmp:
         # The tokenizer first (a missing one fails fast), saved where the model then loads it from: the folder gets
         # the very tokenizer the converted text encoder was used with.
         try:
@@ -134,13 +134,9 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise UsageError(f"tokenizer {source!r}: {err}") from err
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        # Named in the config itself: load_model's tokenizer= is lost when the config gives the text encoder no
-        # params (as configs/instruct-pix2pix/generate.yaml).
-        OmegaConf.update(config, "model.params.cond_stage_config.params.tokenizer", str(tmp / "tokenizer"))
-        config_path = Path(scratch) / Path(args.config).name
-        OmegaConf.save(config, config_path)
         logging.info("loading %s (config %s)", args.ckpt, args.config)
-        loaded = load_model(config_path, args.ckpt, ema=args.ema, loras=list(zip(args.lora, scales)))
+        loaded = load_model(args.config, args.ckpt, ema=args.ema, loras=list(zip(args.lora, scales)),
+                            tokenizer=str(tmp / "tokenizer"))
         logging.info("converting to diffusers' layout (%s weights)", "float16" if args.half else "float32")
         pipeline = build_pipeline(loaded.model, config, torch.float16 if args.half else torch.float32)
         logging.info("writing %s", out)

@@ -217,20 +217,21 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
     import gradio as gr
     from PIL import Image
 
-    class PhotoInput(gr.Image):
-        """``gr.Image`` whose upload is checked by the editor: gradio's own decoding errors become messages."""
+    def checked_upload(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """gradio's own decoding of an upload (``gr.Image.preprocess``) with its errors turned into one clear line.
 
-        is_template = True  # rendered by the frontend's image component
-
-        def preprocess(self, payload: Any) -> Any:
+        Wrapped on the instance: a ``gr.Image`` subclass would make gradio write a ``.pyi`` stub beside this file.
+        """
+        def preprocess(payload: Any) -> Any:
             try:
-                return super().preprocess(payload)
+                return decode(payload)
             except Image.DecompressionBombError:
                 raise gr.Error("The photo is too large (too many pixels): upload a smaller one.",
                                print_exception=False) from None
             except Exception:  # noqa: BLE001 — whatever gradio's decoding raised, the user gets one clear line
                 name = getattr(payload, "orig_name", None) or "the upload"
                 raise gr.Error(unreadable_message(name), print_exception=False) from None
+        return preprocess
 
     def run(photo: str | None, instruction: str, seed: float | None, randomize: bool, steps: float | None,
             text_scale: float, image_scale: float, sweep: bool, sweep_text: str, sweep_image: str, sampler: str,
@@ -258,8 +259,9 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
                     + "".join(f" + LoRA `{Path(p).name}` × {s:g}" for p, s in editor.loras))
         with gr.Row():
             with gr.Column():
-                photo = PhotoInput(label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                   elem_id="photo")
+                photo = gr.Image(label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 elem_id="photo")
+                photo.preprocess = checked_upload(photo.preprocess)
                 instruction = gr.Textbox(label="Instruction", placeholder="replace the wolf with a sks dog",
                                          elem_id="instruction")
                 with gr.Row():

@@ -165,3 +165,16 @@ def test_compile_flag_gives_the_eager_edit(tiny_ckpt, tmp_path):
                      *flags]) == 0
         outputs[len(flags)] = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(outputs[0] - outputs[1]).max() <= 1  # same kernels up to fusion rounding
+
+
+@pytest.mark.parametrize("config", ["configs/instruct-pix2pix/generate.yaml", "tests/data/configs/ip2p-generate.yaml",
+                                    "configs/tiny/ip2p-tiny.yaml"])
+def test_tokenizer_flag_reaches_the_text_encoder(config: str) -> None:
+    """--tokenizer lands in the text encoder's params, also when the config gives the encoder none (IP2P's own
+    configs): OmegaConf's setdefault used to return a detached dict, and the flag was silently dropped."""
+    from ldm.editing import inference_config
+
+    prepared = inference_config(REPO / config, tokenizer="models/clip-tokenizer")
+    assert prepared.model.params.cond_stage_config.params.tokenizer == "models/clip-tokenizer"
+    assert prepared.model.params.use_ema is False
+    assert "ckpt_path" not in prepared.model.params
