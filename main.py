@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.callbacks import AtomicCheckpointIO, ImageLogger, ResumingCSVLogger, SetupCallback  # noqa: E402  (config targets main.*)
+from ldm.callbacks import AtomicCheckpointIO, ImageLogger, ResumingCSVLogger, SetupCallback, StepCheckpoint  # noqa: E402  (config targets main.*)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: E402
 from ldm.cli import exit_status  # noqa: E402
 from ldm.errors import UsageError  # noqa: E402
@@ -356,7 +356,7 @@ def build_model(config: Any, lr: float, seed: int, compile_unet: bool) -> Any:
 def build_callbacks(opt: argparse.Namespace, now: str, logdir: Path, config: Any, lightning_config: Any) -> list[Any]:
     """Run setup, checkpoints (``lightning.modelcheckpoint``), LR monitor, progress bar and the config's callbacks."""
     from omegaconf import OmegaConf
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 
     from ldm.util import instantiate_from_config
 
@@ -364,8 +364,8 @@ def build_callbacks(opt: argparse.Namespace, now: str, logdir: Path, config: Any
     checkpoint_params = OmegaConf.to_container(
         OmegaConf.select(lightning_config, "modelcheckpoint.params", default=OmegaConf.create()), resolve=True
     )
-    checkpoint = ModelCheckpoint(**{"dirpath": str(ckptdir), "filename": "{step:06d}", "save_last": True,
-                                    "save_top_k": -1, "every_n_train_steps": 500, **checkpoint_params})
+    checkpoint = StepCheckpoint(**{"dirpath": str(ckptdir), "filename": "{step:06d}", "save_last": True,
+                                   "save_top_k": -1, "every_n_train_steps": 500, **checkpoint_params})
     callbacks: list[Any] = [
         SetupCallback(bool(opt.resume), now, str(logdir), str(ckptdir), str(cfgdir), config, lightning_config),
         checkpoint,

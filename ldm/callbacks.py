@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
@@ -39,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class SetupCallback(Callback):
-    """Creates the run folders and saves the merged configs (rank 0); saves ``last.ckpt`` at the end and on Ctrl-C."""
+    """Creates the run folders and saves the merged configs (rank 0); saves ``last.ckpt`` on Ctrl-C."""
 
     def __init__(self, resume: bool, now: str, logdir: str, ckptdir: str, cfgdir: str, config: Any, lightning_config: Any) -> None:
         super().__init__()
@@ -59,17 +59,32 @@ class SetupCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.global_rank == 0:
             logger.warning("interrupted: saving %s", self.ckptdir / "last.ckpt")
-            trainer.save_checkpoint(self.ckptdir / "last.ckpt")
+            trainer.save_checkpoint(self.ckptdir / "last.ckpt", weights_only=False)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the final step, saved once.
+
+    With ``max_steps`` not a multiple of ``every_n_train_steps``, ``last.ckpt`` is written at the final step, in the
+    batch hook like the periodic checkpoints: at train end Lightning has already closed the epoch, and a run resumed
+    from there would not continue the epoch where it stopped. Lightning's own train-end save of ``last`` is then
+    skipped (it would land beside it as ``last-v1.ckpt``); runs bounded by epochs keep it.
+    """
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        """Make ``last.ckpt`` the final step even when ``max_steps`` is not a multiple of the checkpoint interval.
+        super().on_train_batch_end(trainer, pl_module, *args)
+        every = self._every_n_train_steps or 0
+        if self.save_last and self._at_final_step(trainer) and (not every or trainer.global_step % every):
+            self.last_model_path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            trainer.save_checkpoint(self.last_model_path, weights_only=False)  # every rank calls it; rank 0 writes
 
-        Saved here, like the periodic checkpoints, rather than at train end, where Lightning has already closed
-        the epoch: a run resumed from it continues the epoch exactly where the final step left it.
-        """
-        every = getattr(trainer.checkpoint_callback, "_every_n_train_steps", 0) or 0
-        if trainer.max_steps > 0 and trainer.global_step == trainer.max_steps and (not every or trainer.global_step % every):
-            trainer.save_checkpoint(self.ckptdir / "last.ckpt")  # every rank calls it; rank 0 writes
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._at_final_step(trainer):
+            super().on_train_end(trainer, pl_module)
+
+    @staticmethod
+    def _at_final_step(trainer: pl.Trainer) -> bool:
+        return trainer.max_steps > 0 and trainer.global_step == trainer.max_steps
 
 
 class ImageLogger(Callback):

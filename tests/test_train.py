@@ -128,6 +128,18 @@ def test_resume_is_exact(workspace, straight_run):
     assert not torch.equal(trained[key], resumed["state_dict"][key]), "the resumed run must have trained further"
 
 
+def test_short_run_keeps_one_last_checkpoint(workspace):
+    """max_steps below the checkpoint interval: one last.ckpt at the final step, not a second train-end copy
+    (Lightning 2.6 saves ``last`` at train end when nothing was saved during the run, as last-v1.ckpt)."""
+    run_main(workspace, *base_args(workspace), "-t", "-n", "short", "--max_steps", "3", NO_IMAGES,
+             "lightning.modelcheckpoint.params.every_n_train_steps=100")
+    checkpoints = run_dir(workspace, "short") / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    saved = read_checkpoint(checkpoints / "last.ckpt")
+    assert saved["global_step"] == 3
+    assert saved["callbacks"]  # a full checkpoint: the data position and the checkpoint callback's state
+
+
 def test_exported_weights_edit(straight_run, tmp_path):
     from scripts.edit_cli import main as edit_main
 
