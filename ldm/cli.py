@@ -15,6 +15,17 @@ SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim")  # ldm.editing.edit_latents
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: ldm.editing.resolve_precision
 
 
+def add_ema_args(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--ema`` / ``--no-ema`` (``args.ema``: True, False, or None for "EMA when the checkpoint has a complete
+    copy"); ``verb`` says what is done with the weights ("use", "export", "convert")."""
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
+                     help=f"{verb} the checkpoint's EMA UNet weights (error if it has none); with neither flag: the "
+                          "EMA weights when the checkpoint has a complete copy")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", default=None,
+                     help=f"{verb} the checkpoint's training (non-EMA) UNet weights")
+
+
 def add_model_args(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
     """``--ckpt --config --device --precision --ema/--no-ema --compile --tokenizer`` (`ldm.editing.load_model`)."""
     parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=ckpt_help)
@@ -22,11 +33,7 @@ def add_model_args(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast precision; auto = fp16 on CUDA, fp32 elsewhere")
-    ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
-                     help="use the checkpoint's EMA UNet weights (error if it has none)")
-    ema.add_argument("--no-ema", dest="ema", action="store_false",
-                     help="use the checkpoint's training (non-EMA) UNet weights")
+    add_ema_args(parser, "use")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (slow first call; pays off over many edits)")
     parser.add_argument("--tokenizer", default=None,

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import DEFAULT_CONFIG, add_lora_args, check_lora_args, run_cli  # noqa: E402
+from ldm.cli import DEFAULT_CONFIG, add_ema_args, add_lora_args, check_lora_args, run_cli  # noqa: E402
 from ldm.errors import MissingFileError, UsageError  # noqa: E402
 
 
@@ -47,10 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "scripts/export.py output or the released InstructPix2Pix checkpoint")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config (YAML) the checkpoint belongs to")
     parser.add_argument("--out", required=True, help="diffusers folder to write")
-    ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
-                     help="convert the checkpoint's EMA UNet weights (error if it has none; default: when it has them)")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="convert its training (non-EMA) UNet weights")
+    add_ema_args(parser, "convert")
     add_lora_args(parser, "LoRA file (kohya/A1111 layout) merged into the weights before converting; repeatable")
     parser.add_argument("--half", action="store_true", help="write float16 weights (half the size)")
     parser.add_argument("--tokenizer", default=None,

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import (DEFAULT_CKPT, DEFAULT_CONFIG, SAMPLER_NAMES, add_lora_args, check_lora_args,  # noqa: E402
+from ldm.cli import (SAMPLER_NAMES, add_lora_args, add_model_args, check_lora_args,  # noqa: E402
                      check_sampling_args, run_cli)
 from ldm.errors import UsageError, UserError  # noqa: E402
 
@@ -54,19 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Edit photos in the browser following a text instruction (InstructPix2Pix).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help="model weights (.ckpt or .safetensors, original layout)")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config (YAML, target/params)")
+    add_model_args(parser, "model weights (.ckpt or .safetensors, original layout)")
     add_lora_args(parser, "LoRA file (kohya/A1111 layout) merged into the weights at load; repeat for several")
-    ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
-                     help="use the checkpoint's EMA UNet weights (error if it has none)")
-    ema.add_argument("--no-ema", dest="ema", action="store_false",
-                     help="use the checkpoint's training (non-EMA) UNet weights")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                        help="autocast precision; auto = fp16 on CUDA, fp32 elsewhere")
-    parser.add_argument("--tokenizer", default=None,
-                        help="local CLIP tokenizer folder for offline machines (see README, 'Offline tokenizer')")
     parser.add_argument("--steps", type=int, default=100, help="the page's initial number of sampling steps")
     parser.add_argument("--resolution", type=int, default=512,
                         help="the page's initial edit size: about this many pixels on the long side")
@@ -303,7 +292,7 @@ def serve(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401 — checked before the (slow) model load
     except ImportError:
         raise UsageError("the browser editor needs gradio: pip install -e '.[app]'") from None
-    from ldm.editing import load_model, resolve_device, resolve_precision
+    from ldm.editing import compile_unet, load_model, resolve_device, resolve_precision
     from ldm.lora import lora_scales
 
     loras = list(zip(args.lora, lora_scales(args.lora, args.lora_scale)))
@@ -313,6 +302,8 @@ def serve(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     loaded = load_model(args.config, args.ckpt, ema=args.ema, device=device, tokenizer=args.tokenizer, loras=loras)
+    if args.compile:
+        compile_unet(loaded.model)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests to the page
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: the server closes, files go
     with tempfile.TemporaryDirectory(prefix="instruct2dream-app-") as out_dir:

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import add_lora_args, check_lora_args, exit_status  # noqa: E402
+from ldm.cli import add_ema_args, add_lora_args, check_lora_args, exit_status  # noqa: E402
 from ldm.errors import UsageError  # noqa: E402
 
 
@@ -31,9 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="input .ckpt or .safetensors")
     parser.add_argument("output", help="output .safetensors")
-    ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="export the EMA UNet weights")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="export the training UNet weights")
+    add_ema_args(parser, "export")
     parser.add_argument("--merge", action="store_true",
                         help="write full weights with the LoRA adapters merged in: those of a LoRA run's checkpoint "
                         "and the --lora files (W += scale * alpha/rank * up @ down)")
