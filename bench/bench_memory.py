@@ -148,7 +148,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = instantiate_from_config(model_config(args.config, case, args.tokenizer).model)
+    model = instantiate_from_config(model_config(args.config, case, args.tokenizer).model, learning_rate=1e-6)
     model.to(device).train()
     build_s = time.perf_counter() - start
     trainable = model.trainable_parameters()
@@ -175,7 +175,6 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         out["skipped"] = f"needs {more / GIB:.1f} + ~3 GiB more, {mem_available() / GIB:.1f} GiB RAM available"
         return out
 
-    model.learning_rate = 1e-6
     optimizer = model.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -59,9 +59,8 @@ def test_text_encoder_is_frozen_without_text_adapters():
 
 
 def test_training_moves_only_the_adapters_and_prior_preservation_reaches_them():
-    model = lora_model(seed=2, cond_stage_trainable=True).train()
+    model = lora_model(seed=2, cond_stage_trainable=True, learning_rate=1e-2).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.learning_rate = 1e-2
     optimizer = model.configure_optimizers()
     train_batch, reg_batch = _batch(0), _batch(1, caption="replace the wolf with a dog")
 

@@ -18,8 +18,7 @@ from tests.tiny import save_tiny_checkpoint
 def test_adamw8bit_keeps_8bit_moments_and_trains():
     import bitsandbytes as bnb
 
-    model = _dreambooth_model(optimizer="adamw8bit", cond_stage_trainable=False)
-    model.learning_rate = 1e-3
+    model = _dreambooth_model(optimizer="adamw8bit", cond_stage_trainable=False, learning_rate=1e-3)
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
     group = optimizer.param_groups[0]

@@ -396,8 +396,8 @@ def test_optimizer_scheduler_and_ema_update():
     scheduler = {"target": "ldm.lr_scheduler.LambdaLinearScheduler",
                  "params": {"warm_up_steps": [10], "cycle_lengths": [100], "f_start": [0.1], "f_max": [1.0],
                             "f_min": [0.0]}}
-    model = _dreambooth_model(use_ema=True, load_ema=False, scheduler_config=scheduler, cond_stage_trainable=False)
-    model.learning_rate = 1e-3
+    model = _dreambooth_model(use_ema=True, load_ema=False, scheduler_config=scheduler, cond_stage_trainable=False,
+                              learning_rate=1e-3)
     config = model.configure_optimizers()
     optimizer, lr_config = config["optimizer"], config["lr_scheduler"]
     assert isinstance(optimizer, torch.optim.AdamW) and lr_config["interval"] == "step"
