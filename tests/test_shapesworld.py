@@ -134,7 +134,7 @@ def test_subject_score_and_background_change():
 
 
 def test_demo_scores_edits_against_the_ground_truth(tmp_path):
-    from scripts.shapesworld import SUBJECTS, score_edits, subject_row, summarize
+    from scripts.shapesworld_report import SUBJECTS, score_edits, subject_row, summarize
 
     square = SUBJECTS[1]
     circles = [scene(), scene(cx=24.0, r=12.0, fill="blue", bg_bottom=(95, 60, 45))]
@@ -216,8 +216,9 @@ def test_learned_metrics_sit_beside_the_ground_truth_ones_with_the_caveat(tmp_pa
     import argparse
 
     from scripts import shapesworld as demo
+    from scripts import shapesworld_report as report
 
-    subjects = demo.SUBJECTS[:1]
+    subjects = report.SUBJECTS[:1]
     args = argparse.Namespace(seed=0, reg_photos=1, subject_photos=2, heldout=3)
     heldout = demo.make_world(tmp_path, args, subjects)
     slug = subjects[0].slug
@@ -227,26 +228,26 @@ def test_learned_metrics_sit_beside_the_ground_truth_ones_with_the_caveat(tmp_pa
             pixels = np.clip(sw.render(item) + shift, 0, 1)  # "identifier": every pixel brightened
             folder.mkdir(parents=True, exist_ok=True)
             sw.to_pil(pixels).save(folder / f"{index:03d}.png")
-    learned = demo.learned_scores(tmp_path, subjects, heldout, {slug: [("base", "class"), ("base", "identifier")]},
+    learned = report.learned_scores(tmp_path, subjects, heldout, {slug: [("base", "class"), ("base", "identifier")]},
                                   None, None)
     assert not learned["real"] and all("random weights" in m for m in learned["models"])
     unchanged, changed = learned["table"]["base/class"], learned["table"]["base/identifier"]
     assert unchanged["bg_l1"] == 0 and unchanged["bg_ssim"] == pytest.approx(1.0)
     assert changed["bg_l1"] > 0.1 and changed["bg_ssim"] < unchanged["bg_ssim"]
     assert all(math.isfinite(v) for row in learned["table"].values() for v in row.values())
-    text = "\n".join(demo.learned_lines(learned))
+    text = "\n".join(report.learned_lines(learned))
     assert "random-weight encoders" in text and "| base model, identifier |" in text
 
 
 def test_report_carries_the_learned_metrics_section(tmp_path):
     import argparse
 
-    from scripts import shapesworld as demo
+    from scripts import shapesworld_report as report
 
     learned = {"real": False, "models": ["random weights (seed 0)"] * 2,
-               "table": {"base/class": {m: 0.5 for m in demo.LEARNED_METRICS}}}
+               "table": {"base/class": {m: 0.5 for m in report.LEARNED_METRICS}}}
     args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, seed=0, finetune_steps=1, lr=1e-4,
                               batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1)
-    report = demo.write_report(tmp_path, {}, {demo.SUBJECTS[0].slug: {}}, demo.SUBJECTS[:1], {"total": 1.0}, args,
+    text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()
-    assert "random-weight encoders" in report and "| base model, class | 0.500 |" in report
+    assert "random-weight encoders" in text and "| base model, class | 0.500 |" in text
