@@ -39,6 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procmem import mem_available, peak_rss, reset_peak_rss  # noqa: E402
 
 GIB = 2**30
 CASES = {
@@ -49,27 +52,6 @@ CASES = {
     "lora-r16-gc": {"lora": 16, "gc": True, "optimizer": "adamw"},
     "lora-r16-gc-bf16": {"lora": 16, "gc": True, "optimizer": "adamw", "frozen_dtype": "bf16"},
 }
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def adamw8bit_state_bytes(numel: int) -> int:

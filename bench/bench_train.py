@@ -25,20 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_unet import FULL, TINY, build_pair, inputs  # noqa: E402
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS counter of this process (Linux: write 5 to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def peak_rss_gib() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+from procmem import peak_rss, reset_peak_rss  # noqa: E402
 
 
 def train_steps(model: torch.nn.Module, is_ours: bool, args: tuple, steps: int) -> list[float]:
@@ -70,7 +57,7 @@ def case(name: str, params: dict, size: int, checkpointing: bool, steps: int) ->
         gc.collect()
         reset_peak_rss()
         times = train_steps(model, is_ours, args, steps)
-        results[label] = (statistics.median(times), peak_rss_gib())
+        results[label] = (statistics.median(times), peak_rss() / 2**30)
     del ours, theirs
     gc.collect()
     (a, ram_a), (b, ram_b) = results["ours"], results["diffusers"]
