@@ -9,7 +9,8 @@
         --class_word dog --source_word wolf --num_pairs 100 --output data/my_dog/regularization
 
 Pair ``i`` uses photo ``i mod n`` (reg mode alternates source and class photos) and a seed derived from --seed and
-``i``. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's size rule on the
+``i``. With --vary_template each generated input also gets follow-up edits ("make the wolf white"), one more pair
+each with the same real target: pairs then come in groups (the plain pair and its variants) sharing a photo and seed. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's size rule on the
 photo's full-resolution size), so every pair is aligned. The output folder holds ``NNN_0.png`` (input),
 ``NNN_1.png`` (target), ``pairs.jsonl`` (one JSON line per pair: files, instructions, seed, guidance, checkpoint
 sha256, source photo, …) and ``generate_dataset.json`` (the settings, checked on every rerun). A rerun resumes
@@ -32,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ldm.cli import add_model_args, add_sampling_args, check_sampling_args, run_cli  # noqa: E402
-from ldm.data.pair_generation import Pair, Photo, generate, pair_seed  # noqa: E402
+from ldm.data.pair_generation import Pair, Photo, follow_up_seed, generate, pair_seed  # noqa: E402
 from ldm.data.pair_store import SETTINGS, SETTINGS_FORMAT, PairStore  # noqa: E402
 from ldm.errors import UsageError  # noqa: E402
 
@@ -63,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="output folder (created, or resumed when it holds our pairs)")
     p.add_argument("--reverse_template", "--reverse-template", default=REVERSE_TEMPLATE,
                    help="edit of a subject/class photo; fields {class} {source} {identifier}")
+    p.add_argument("--vary_template", "--vary-template", action="append", metavar="TEMPLATE",
+                   help="a follow-up edit of every generated input (train pairs, and reg pairs from class photos), "
+                        "e.g. 'make the {source} white': one more pair per generated input, same real target, so the "
+                        "inputs vary beyond the look the reverse edit gives them; repeat for several")
     p.add_argument("--forward_template", "--forward-template", default=None,
                    help=f"the caption (and the edit of source photos); default {FORWARD_TEMPLATES['train']!r} "
                         f"(train), {FORWARD_TEMPLATES['reg']!r} (reg)")
@@ -122,6 +127,8 @@ def check_words(args: argparse.Namespace) -> dict[str, str]:
         raise UsageError(f"--forward_template {args.forward_template!r}: reg captions take no {{identifier}}")
     fill_template(args.forward_template, "--forward_template", words)
     fill_template(args.reverse_template, "--reverse_template", words)
+    for template in args.vary_template or []:
+        fill_template(template, "--vary_template", words)
     if args.mode == "train":
         from ldm.modules.encoders.identifier import warn_about_identifier
 
@@ -182,17 +189,26 @@ def load_photos(photos: list[Photo], resolution: int, skip_unreadable: bool) -> 
 
 
 def plan_pairs(args: argparse.Namespace, words: dict[str, str], photos: list[Photo], total: int) -> list[Pair]:
-    """Every pair of the dataset, in index order, from the photos, the seed and the templates alone."""
+    """Every pair of the dataset, in index order, from the photos, the seed and the templates alone.
+
+    Group ``g`` (photo ``g mod n``, seed from --seed and ``g``) is one pair, or for a generated input the plain pair
+    and one variant per --vary_template; without variants group and pair index coincide.
+    """
     forward = fill_template(args.forward_template, "--forward_template", words)
     reverse = fill_template(args.reverse_template, "--reverse_template", words)
-    pairs = []
-    for index in range(total):
-        photo = photos[index % len(photos)]
+    follow_ups = [None] + [fill_template(t, "--vary_template", words) for t in args.vary_template or []]
+    pairs: list[Pair] = []
+    group = 0
+    while len(pairs) < total:
+        photo, seed = photos[group % len(photos)], pair_seed(args.seed, group)
         if photo.kind == "source":  # real source photo (input) → generated class image (target)
-            kind, edit, generated = "reg_source", forward, "target"
-        else:  # generated source image (input) ← real subject / class photo (target)
-            kind, edit, generated = ("train" if args.mode == "train" else "reg_class"), reverse, "input"
-        pairs.append(Pair(index, photo, pair_seed(args.seed, index), kind, edit, forward, generated))
+            pairs.append(Pair(len(pairs), photo, seed, "reg_source", forward, forward, "target"))
+        else:  # generated source image (input), and its variants ← real subject / class photo (target)
+            kind = "train" if args.mode == "train" else "reg_class"
+            for variant, follow_up in enumerate(follow_ups[: total - len(pairs)]):
+                pairs.append(Pair(len(pairs), photo, seed, kind, reverse, forward, "input", follow_up,
+                                  follow_up_seed(seed, variant) if follow_up else None))
+        group += 1
     return pairs
 
 
@@ -232,9 +248,12 @@ def run(args: argparse.Namespace, on_commit: Callable[[int], None] | None = None
     config, ckpt = Path(args.config), Path(args.ckpt)
     if not (Path(args.output) / SETTINGS).is_file():  # a new folder: fail before creating anything
         require_model_files(config, ckpt)
-    total = len(photos) * args.samples_per_image if args.mode == "train" else args.num_pairs
+    variants = 1 + len(args.vary_template or [])
+    total = len(photos) * args.samples_per_image * variants if args.mode == "train" else args.num_pairs
     recipe = {key: getattr(args, key) for key in RECIPE_KEYS if key not in ("photos", "filter")}
     recipe["photos"] = [[p.kind, p.path.name, p.sha256] for p in photos]
+    if args.vary_template:  # only when given: folders made before the option resume as before
+        recipe["vary_template"] = args.vary_template
     recipe["filter"] = None if args.filter == "none" else {"method": args.filter, "candidates": args.candidates,
                                                           "clip": args.filter_clip}
     folder = PairStore(args.output, on_commit)

@@ -45,7 +45,7 @@ def _cheap_runs():
     real_load, loaded, threads = ldm.editing.load_model, {}, torch.get_num_threads()
 
     def load_once(config, ckpt, **kwargs):
-        key = (str(config), str(ckpt), tuple(sorted(kwargs.items())))
+        key = (str(config), str(ckpt), repr(sorted(kwargs.items())))
         if key not in loaded:
             loaded[key] = real_load(config, ckpt, **kwargs)
         return loaded[key]
@@ -157,6 +157,49 @@ def test_regularization_pairs_mix_both_directions(reg_set, photos):
             assert (r["generated"], r["edit_instruction"]) == ("target", "replace the wolf with a dog")
         else:  # generated wolf (input) → real dog (target)
             assert (r["generated"], r["edit_instruction"]) == ("input", "replace the dog with a wolf")
+
+
+def test_variants_share_the_reverse_edit_and_target(train_set, photos, tiny_ckpt, tmp_path):
+    """--vary_template: each group is the plain pair (the same as without the option: same seed, same pixels) and
+    one pair per follow-up edit, whose input is that edit of the plain input (edit_cli with the recorded seed gives
+    it again) and whose target is the same real photo."""
+    from scripts import edit_cli
+
+    output = tmp_path / "varied"
+    vary = ["--vary_template", "make the {source} white", "--vary_template", "make the {source} black"]
+    assert main(_train_args(photos, tiny_ckpt, output, "--samples_per_image", "1", "--batch-size", "4", *vary)) == 0
+    records = _records(output)
+    assert [r["index"] for r in records] == list(range(9))  # 3 photos × (plain + 2 variants)
+    assert [r["source_name"] for r in records] == ["a.jpg"] * 3 + ["b.png"] * 3 + ["c.png"] * 3
+    for group in range(3):
+        plain, *variants = records[3 * group : 3 * group + 3]
+        assert "follow_up_instruction" not in plain and plain["seed"] == _records(train_set)[group]["seed"]
+        for name, side in ((plain["input"], 0), (plain["target"], 1)):
+            np.testing.assert_array_equal(_pixels(output / name), _pixels(train_set / f"{group:03d}_{side}.png"))
+        seeds = set()
+        for record, colour in zip(variants, ("white", "black")):
+            assert (record["seed"], record["follow_up_instruction"]) == (plain["seed"], f"make the wolf {colour}")
+            assert record["instruction"] == "replace the wolf with a sks dog"
+            np.testing.assert_array_equal(_pixels(output / record["target"]), _pixels(output / plain["target"]))
+            again = tmp_path / f"again_{record['index']}"
+            assert edit_cli.main(["--input", str(output / plain["input"]), "--output", str(again), "--edit",
+                                  record["follow_up_instruction"], "--seed", str(record["follow_up_seed"]),
+                                  "--ckpt", str(tiny_ckpt), *COMMON]) == 0
+            # Equal up to float rounding of batched convolutions (one 8-bit level, on a handful of pixels).
+            np.testing.assert_allclose(_pixels(output / record["input"]), _pixels(again / plain["input"]), atol=1)
+            assert not np.array_equal(_pixels(output / record["input"]), _pixels(output / plain["input"]))
+            seeds.add(record["follow_up_seed"])
+        assert len(seeds) == 2 and plain["seed"] not in seeds
+    # Regularization: only pairs with a generated input (from class photos) get variants; --num_pairs counts them.
+    reg = tmp_path / "varied_reg"
+    assert main(["--mode", "reg", "--reg_source_dir", str(photos["wolves"]), "--reg_class_dir", str(photos["dogs"]),
+                 "--num_pairs", "5", "--output", str(reg), "--ckpt", str(tiny_ckpt), *WORDS, *COMMON,
+                 "--vary_template", "make the {source} white"]) == 0
+    assert [(r["kind"], r["source_name"], r.get("follow_up_instruction")) for r in _records(reg)] == [
+        ("reg_source", "w1.jpg", None), ("reg_class", "d1.png", None), ("reg_class", "d1.png", "make the wolf white"),
+        ("reg_source", "w2.jpg", None), ("reg_source", "w1.jpg", None)]
+    # The variants are part of the recipe: a rerun without them is refused, naming the option.
+    assert main(_train_args(photos, tiny_ckpt, output, "--samples_per_image", "1")) == 2
 
 
 def _killing_python(tmp_path: Path, commit: int) -> Path:
@@ -274,8 +317,9 @@ def test_foreign_files_are_refused_unless_forced(photos, tiny_ckpt, tmp_path, ca
         ({"--ckpt": "missing.ckpt"}, "checkpoint not found"),
         ({"--forward_template": "replace the {source} with a {kind}"}, "unknown field 'kind'"),
         ({"--class_word": " "}, "give one word"),
+        ({"--vary_template": "make the {colour} white"}, "--vary_template 'make the {colour} white': unknown field"),
     ],
-    ids=["empty-folder", "missing-folder", "missing-checkpoint", "bad-template", "blank-word"],
+    ids=["empty-folder", "missing-folder", "missing-checkpoint", "bad-template", "blank-word", "bad-variant"],
 )
 def test_bad_inputs_are_clear_errors(photos, tiny_ckpt, tmp_path, capsys, change, needle):
     (tmp_path / "empty").mkdir()
