@@ -253,6 +253,34 @@ def test_reg_weight_changes_the_gradient():
     assert (g1 - g0).norm() > 1e-3 * g0.norm()
 
 
+@pytest.mark.parametrize("reg_weight", [0.0, 0.5])
+def test_training_step_with_a_reg_batch(reg_weight, monkeypatch):
+    """training_step on [train, reg]: the loss is loss_train + reg_weight · loss_reg and both parts are logged; at
+    reg_weight 0 the prior term is computed for the log only (no graph), and the gradient is the train-only one."""
+    model = _dreambooth_model()
+    model.reg_weight = reg_weight
+    logged = {}
+    monkeypatch.setattr(model, "log_dict", lambda values, **kwargs: logged.update(values))
+    monkeypatch.setattr(model, "log", lambda name, value, **kwargs: logged.update({name: value}))
+    grad_mode, shared_step = [], model.shared_step
+    monkeypatch.setattr(model, "shared_step", lambda *a: grad_mode.append(torch.is_grad_enabled()) or shared_step(*a))
+    train_batch, reg_batch = _batch(0), _batch(1, caption="replace the wolf with a dog")
+    model.zero_grad()
+    loss = model.training_step([train_batch, reg_batch], 3)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.model.parameters()])
+    torch.testing.assert_close(loss.detach(), logged["train/loss_train"] + reg_weight * logged["train/loss_reg"])
+    assert logged["train/loss_reg"] > 0
+    model.zero_grad()
+    shared_step(train_batch, model.step_generator(3, salt=0))[0].backward()
+    train_only = torch.cat([p.grad.flatten() for p in model.model.parameters()])
+    if reg_weight == 0:
+        torch.testing.assert_close(grads, train_only, rtol=0, atol=0)
+    assert grad_mode == [True, reg_weight != 0]
+    if reg_weight:
+        assert (grads - train_only).norm() > 1e-3 * train_only.norm()
+
+
 @pytest.mark.parametrize("cond_stage_trainable,unfreeze_model", [(False, True), (True, True), (False, False)])
 def test_frozen_parts_stay_bit_identical(cond_stage_trainable, unfreeze_model):
     model = _dreambooth_model(cond_stage_trainable=cond_stage_trainable, unfreeze_model=unfreeze_model)

@@ -82,7 +82,9 @@ class LatentDiffusionTraining:
         logs = {f"train/{k}": v for k, v in parts.items()}
         loss = loss_train
         if reg_batch is not None:
-            loss_reg, reg_parts = self.shared_step(reg_batch, self.step_generator(batch_idx, salt=1))
+            # At reg_weight 0 (the ablation) the prior term is only logged: no graph, no backward through it.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.reg_weight != 0):
+                loss_reg, reg_parts = self.shared_step(reg_batch, self.step_generator(batch_idx, salt=1))
             loss = prior_preservation_loss(loss_train, loss_reg, self.reg_weight)
             logs["train/loss_reg"] = reg_parts["loss"]
         logs["train/loss_train"] = parts["loss"]
