@@ -6,7 +6,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-LABEL_HEIGHT = 14
+LABEL_HEIGHT, LABEL_SIZE = 17, 13  # pixels; at Pillow's default 10 px a space is 2 px wide and labels read as one word
 
 
 def labelled_grid(
@@ -28,7 +28,7 @@ def labelled_grid(
     cell_h = max(im.height for im in images) + label_h
     grid = Image.new("RGB", (ncols * cell_w + (ncols + 1) * padding, nrows * cell_h + (nrows + 1) * padding), background)
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=LABEL_SIZE)
     for index, image in enumerate(images):
         row, col = divmod(index, ncols)
         x = padding + col * (cell_w + padding)

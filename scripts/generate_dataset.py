@@ -9,13 +9,14 @@
         --class_word dog --source_word wolf --num_pairs 100 --output data/my_dog/regularization
 
 Pair ``i`` uses photo ``i mod n`` (reg mode alternates source and class photos) and a seed derived from --seed and
-``i``. With --vary_template each generated input also gets follow-up edits ("make the wolf white"), one more pair
-each with the same real target: pairs then come in groups (the plain pair and its variants) sharing a photo and seed. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's size rule on the
+``i``. With --vary_template (train) each generated input also gets follow-up edits ("make the wolf white"), one more
+pair each with the same real target: pairs then come in groups (the plain pair and its variants) sharing a photo and
+seed. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's size rule on the
 photo's full-resolution size), so every pair is aligned. The output folder holds ``NNN_0.png`` (input),
 ``NNN_1.png`` (target), ``pairs.jsonl`` (one JSON line per pair: files, instructions, seed, guidance, checkpoint
-sha256, source photo, …) and ``generate_dataset.json`` (the settings, checked on every rerun). A rerun resumes
-where a run stopped; a larger --num_pairs / --samples_per_image adds pairs; other changed settings are refused.
-Unreadable photos stop the run, or with --skip-unreadable are skipped and listed.
+sha256, source photo, …) and ``generate_dataset.json`` (the settings, checked on every rerun). A rerun resumes where
+a run stopped; a larger --num_pairs / --samples_per_image adds pairs; other changed settings are refused. Unreadable
+photos stop the run, or with --skip-unreadable are skipped and listed.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reverse_template", "--reverse-template", default=REVERSE_TEMPLATE,
                    help="edit of a subject/class photo; fields {class} {source} {identifier}")
     p.add_argument("--vary_template", "--vary-template", action="append", metavar="TEMPLATE",
-                   help="a follow-up edit of every generated input (train pairs, and reg pairs from class photos), "
-                        "e.g. 'make the {source} white': one more pair per generated input, same real target, so the "
-                        "inputs vary beyond the look the reverse edit gives them; repeat for several")
+                   help="train: a follow-up edit of every generated input, e.g. 'make the {source} white': one more "
+                        "pair per input, same real photo as target, so the inputs vary beyond the look the reverse "
+                        "edit gives them; repeat for several (not for reg pairs: their target must stay a faithful "
+                        "edit of the input)")
     p.add_argument("--forward_template", "--forward-template", default=None,
                    help=f"the caption (and the edit of source photos); default {FORWARD_TEMPLATES['train']!r} "
                         f"(train), {FORWARD_TEMPLATES['reg']!r} (reg)")
@@ -87,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_sampling_args(p, args)
     train = args.mode == "train"
-    allowed = {"subject_dir": train, "samples_per_image": train, "reg_source_dir": not train,
-               "reg_class_dir": not train, "num_pairs": not train}
+    allowed = {"subject_dir": train, "samples_per_image": train, "vary_template": train,
+               "reg_source_dir": not train, "reg_class_dir": not train, "num_pairs": not train}
     stray = [f"--{name}" for name, ok in allowed.items() if not ok and getattr(args, name) is not None]
     if stray:
         p.error(f"--mode {args.mode} does not take {', '.join(stray)}")

@@ -6,7 +6,9 @@
 
 ``demo``, for each of three subjects (a striped "sks star", a checkered "sks square", a dotted "sks triangle"):
 photos of the subject and of generic circles and of its class are rendered from the world;
-``scripts/generate_dataset.py`` makes training and regularization pairs with the base model in reverse;
+``scripts/generate_dataset.py`` makes training and regularization pairs with the base model in reverse (each
+reverse-edited training input also recoloured by follow-up edits, "make the circle white", so that "sks" is learned
+for circles of any colour);
 ``main.py`` fine-tunes the base model with prior preservation (and, for ``--noreg_subjects`` of them, with
 ``reg_weight=0``); ``scripts/edit_cli.py`` edits held-out circles with "replace the circle with a sks <class>"
 (identifier) and "... with a <class>" (class prompt) using the base and the fine-tuned models; the edits are scored
@@ -21,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -63,10 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="output folder, must not hold a previous run (default: outputs/shapesworld/<timestamp>)")
     demo.add_argument("--base", default=str(BASE_CKPT), help="base model weights")
     demo.add_argument("--subjects", type=int, default=3, help="subjects (striped star, checkered square, dotted triangle)")
-    demo.add_argument("--noreg_subjects", type=int, default=1,
+    demo.add_argument("--noreg_subjects", type=int, default=3,
                       help="subjects also fine-tuned with reg_weight=0 (the ablation), the first ones")
+    demo.add_argument("--noreg_steps", type=int, default=60, help="main.py --max_steps of each reg_weight=0 fine-tune")
     demo.add_argument("--subject_photos", type=int, default=4, help="photos of each subject")
     demo.add_argument("--samples_per_image", type=int, default=1, help="reverse edits per subject photo")
+    demo.add_argument("--variants", default="white,orange,green,red",
+                      help="colours of the follow-up edits of every training input ('make the circle <colour>', "
+                           "generate_dataset.py --vary_template), comma-separated; '' for none")
     demo.add_argument("--reg_photos", type=int, default=4, help="real circles and real class instances (each)")
     demo.add_argument("--reg_pairs", type=int, default=8, help="regularization pairs per subject")
     demo.add_argument("--heldout", type=int, default=6, help="held-out circles to edit and score per subject")
@@ -95,7 +102,7 @@ def run_step(title: str, tool: str, argv: list[str], timings: dict[str, float]) 
     import importlib
 
     logger.info("== %s", title)
-    logger.info("   python %s %s", tool, " ".join(argv))
+    logger.info("   python %s %s", tool, shlex.join(argv))
     module = importlib.import_module(tool.removesuffix(".py").replace("/", "."))
     start = time.perf_counter()
     status = module.main(argv)
@@ -103,7 +110,7 @@ def run_step(title: str, tool: str, argv: list[str], timings: dict[str, float]) 
     if hasattr(module, "RUN_TIMESTAMP_ENV"):  # main.py keeps its timestamp for DDP ranks: give each run its own
         os.environ.pop(module.RUN_TIMESTAMP_ENV, None)
     if status:
-        raise SystemExit(f"{title} failed (exit status {status}): python {tool} {' '.join(argv)}")
+        raise SystemExit(f"{title} failed (exit status {status}): python {tool} {shlex.join(argv)}")
 
 
 def find_export(logdir: Path, name: str) -> Path:
@@ -196,6 +203,11 @@ def demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"base model not found: {args.base} (train one with `python scripts/shapesworld.py base`)")
     if not 1 <= args.subjects <= len(SUBJECTS) or not 0 <= args.noreg_subjects <= args.subjects:
         raise SystemExit(f"--subjects must lie in 1..{len(SUBJECTS)} and --noreg_subjects in 0..--subjects")
+    variants = [c for c in args.variants.split(",") if c]
+    unknown = sorted(set(variants) - set(sw.COLOURS))
+    if unknown:
+        raise SystemExit(f"--variants {args.variants!r}: {', '.join(unknown)} not a colour of the world "
+                         f"({', '.join(sw.COLOURS)})")
     subjects = SUBJECTS[: args.subjects]
     start = time.perf_counter()
     heldout = make_world(out, args, subjects)
@@ -218,6 +230,7 @@ def demo(args: argparse.Namespace) -> int:
         progress.run(f"{subject.name}: training pairs (base model in reverse)", "scripts/generate_dataset.py", [
             "--mode", "train", "--subject_dir", str(out / "photos" / subject.slug), "--identifier", IDENTIFIER,
             "--samples_per_image", str(args.samples_per_image), "--output", str(data / "training"),
+            *(x for colour in variants for x in ("--vary_template", f"make the {SOURCE_WORD} {colour}")),
             "--seed", str(args.seed), "--batch-size", str(args.subject_photos), *words, *sample])
         progress.run(f"{subject.name}: regularization pairs", "scripts/generate_dataset.py", [
             "--mode", "reg", "--reg_source_dir", str(out / "photos" / "circles"),
@@ -231,7 +244,7 @@ def demo(args: argparse.Namespace) -> int:
                 "-b", str(PERSONALIZE_CONFIG), "-t", "-n", name, "-s", str(args.seed), "-l", str(out / "logs"),
                 "--actual_resume", str(base), "--data_root", str(data / "training"),
                 "--reg_data_root", str(data / "regularization"), "--identifier", IDENTIFIER,
-                "--max_steps", str(args.finetune_steps), *words, f"model.base_learning_rate={args.lr}",
+                "--max_steps", str(args.finetune_steps if model == "finetuned_reg" else args.noreg_steps), *words, f"model.base_learning_rate={args.lr}",
                 f"data.params.batch_size={args.batch}", "lightning.callbacks.image_logger.params.disabled=true",
                 *(["model.params.reg_weight=0"] if model == "finetuned_noreg" else [])])
             checkpoints[model] = find_export(out / "logs", name)

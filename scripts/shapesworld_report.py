@@ -173,7 +173,8 @@ def make_grid(out: Path, subjects: tuple[Subject, ...], rows: int) -> Path:
 
 
 def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int) -> Path:
-    """Per subject, the first ``count`` training pairs and ``count`` regularization pairs (input | target)."""
+    """Per subject, the first ``count`` training pairs and ``count`` regularization pairs (input | target); a
+    recoloured training input (`generate_dataset.py --vary_template`) is labelled with its colour."""
     from ldm.visualization import labelled_grid
 
     cells, labels = [], []
@@ -185,7 +186,8 @@ def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int) -> Pat
                 folder = out / "data" / subject.slug / kind
                 cells += [upscaled(folder / record["input"]), upscaled(folder / record["target"])]
                 tag = "train" if kind == "training" else "reg"
-                labels += [f"{tag} input", f"{tag} target"]
+                colour = (record.get("follow_up_instruction") or "").rpartition(" ")[2]  # "make the circle white"
+                labels += [f"{tag} input" + (f": {colour}" if colour else ""), f"{tag} target"]
     path = out / "pairs.png"
     labelled_grid(cells, 4 * count, labels).save(path)
     return path
@@ -281,14 +283,16 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
                  args: argparse.Namespace, learned: dict[str, Any] | None = None) -> Path:
     """``report.md``: the table (mean ± spread over subjects), per-subject numbers, the pictures and the timings."""
     names = ", ".join(f'{s.name} ("sks {s.shape}")' for s in subjects)
+    variants = [c for c in args.variants.split(",") if c]
     lines = [
         "# ShapesWorld report", "",
         f"Subjects: {names}. Each is edited on the same "
         f"{args.heldout} held-out circles with the identifier prompt \"replace the circle with a sks <class>\" and "
         f"the class prompt \"replace the circle with a <class>\"; {args.steps} sampling steps, text guidance "
         f"{args.cfg_text:g}, image guidance {args.cfg_image:g}, seed {args.seed}. Fine-tuning: {args.finetune_steps} "
-        f"steps, learning rate {args.lr:g}, batch {args.batch} + {args.batch} (subject + regularization pairs), "
-        f"{args.subject_photos} subject photos × {args.samples_per_image} reverse edits, {args.reg_pairs} "
+        f"steps ({args.noreg_steps} for reg_weight=0), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
+        f"(subject + regularization pairs), {args.subject_photos} subject photos × {args.samples_per_image} reverse "
+        f"edits × (1 + {len(variants)} recoloured: {', '.join(variants) or 'none'}), {args.reg_pairs} "
         f"regularization pairs per subject.", "",
         "Mean ± spread (sample standard deviation) over the subjects each model was run on (n):", "",
         "| model | n | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
@@ -308,7 +312,8 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
     lines += [
         "", "- subject fidelity: identifier prompt, subject score d_g/(d_g+d_s) inside the new object's mask, where "
         "d_g, d_s are the mean absolute distances to the ground-truth generic object (the circle's colour) and to the "
-        "subject at that place (1 = the subject's pattern, 0 = a generic object).",
+        "subject at that place, all three images softened by a [1, 2, 1] blur and each reference allowed to move by "
+        "one pixel (1 = the subject's pattern, 0 = a generic object).",
         "- prior drift: the same score for the class prompt (a generic object is expected: lower is better).",
         "- class error: class prompt, mean |edit − ground-truth generic object| (0–1 units) where the circle was or "
         "the object should be.",

@@ -159,7 +159,7 @@ def test_regularization_pairs_mix_both_directions(reg_set, photos):
             assert (r["generated"], r["edit_instruction"]) == ("input", "replace the dog with a wolf")
 
 
-def test_variants_share_the_reverse_edit_and_target(train_set, photos, tiny_ckpt, tmp_path):
+def test_variants_share_the_reverse_edit_and_target(train_set, photos, tiny_ckpt, tmp_path, capsys):
     """--vary_template: each group is the plain pair (the same as without the option: same seed, same pixels) and
     one pair per follow-up edit, whose input is that edit of the plain input (edit_cli with the recorded seed gives
     it again) and whose target is the same real photo."""
@@ -190,16 +190,11 @@ def test_variants_share_the_reverse_edit_and_target(train_set, photos, tiny_ckpt
             assert not np.array_equal(_pixels(output / record["input"]), _pixels(output / plain["input"]))
             seeds.add(record["follow_up_seed"])
         assert len(seeds) == 2 and plain["seed"] not in seeds
-    # Regularization: only pairs with a generated input (from class photos) get variants; --num_pairs counts them.
-    reg = tmp_path / "varied_reg"
-    assert main(["--mode", "reg", "--reg_source_dir", str(photos["wolves"]), "--reg_class_dir", str(photos["dogs"]),
-                 "--num_pairs", "5", "--output", str(reg), "--ckpt", str(tiny_ckpt), *WORDS, *COMMON,
-                 "--vary_template", "make the {source} white"]) == 0
-    assert [(r["kind"], r["source_name"], r.get("follow_up_instruction")) for r in _records(reg)] == [
-        ("reg_source", "w1.jpg", None), ("reg_class", "d1.png", None), ("reg_class", "d1.png", "make the wolf white"),
-        ("reg_source", "w2.jpg", None), ("reg_source", "w1.jpg", None)]
-    # The variants are part of the recipe: a rerun without them is refused, naming the option.
-    assert main(_train_args(photos, tiny_ckpt, output, "--samples_per_image", "1")) == 2
+    # The variants are part of the recipe: a rerun without them, or with others, is refused, naming the option.
+    for vary in ([], vary[:2]):
+        assert main(_train_args(photos, tiny_ckpt, output, "--samples_per_image", "1", *vary)) == 2
+        assert "vary_template: ['make the {source} white', 'make the {source} black'] in the folder" in \
+            capsys.readouterr().err
 
 
 def _killing_python(tmp_path: Path, commit: int) -> Path:
@@ -335,7 +330,10 @@ def test_bad_inputs_are_clear_errors(photos, tiny_ckpt, tmp_path, capsys, change
 def test_bad_arguments_exit_2():
     for argv in (["--mode", "train", *WORDS, "--output", "o"],  # no --subject_dir
                  ["--mode", "reg", *WORDS, "--output", "o"],  # no reg folder
-                 ["--mode", "reg", "--reg_class_dir", "d", "--samples_per_image", "2", *WORDS, "--output", "o"]):
+                 ["--mode", "reg", "--reg_class_dir", "d", "--samples_per_image", "2", *WORDS, "--output", "o"],
+                 # reg targets must stay faithful edits of their inputs: no recoloured variants
+                 ["--mode", "reg", "--reg_class_dir", "d", "--vary_template", "make the {source} white", *WORDS,
+                  "--output", "o"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2

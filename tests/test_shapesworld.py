@@ -127,6 +127,17 @@ def test_subject_score_and_background_change():
     assert sw.subject_score(subject, generic, subject, mask) == pytest.approx(1.0)
     assert sw.subject_score(generic, generic, subject, mask) == pytest.approx(0.0)
     assert 0.3 < sw.subject_score((generic + subject) / 2, generic, subject, mask) < 0.7
+    # A pixel of misplacement is not a wrong pattern (it scored 0.74 when the score compared exact pixels) ...
+    for fill, expected in (("subject", 1.0), ("checkered", 1.0), (star.fill, 0.0)):
+        pattern = sw.render(replace(star, fill=fill))
+        for move in ((1, 0), (0, -1), (1, 1)):
+            moved = np.roll(pattern, move, axis=(0, 1))
+            reference = subject if fill == "subject" else pattern if fill == "checkered" else generic
+            assert sw.subject_score(moved, generic, reference, mask) == pytest.approx(expected, abs=0.02)
+    # ... but two pixels are not forgiven, and the subject's colours without its stripes are not the subject.
+    assert sw.subject_score(np.roll(subject, 2, axis=1), generic, subject, mask) < 0.9
+    flat = np.where(mask[..., None] > 0.5, subject[mask > 0.5].mean(0), generic)
+    assert sw.subject_score(flat, generic, subject, mask) < 0.75
     region = np.maximum(mask, sw.object_mask(circle))
     assert sw.background_change(generic, sw.render(circle), region) == pytest.approx(0.0, abs=1e-6)
     shifted = sw.render(replace(circle, cx=40.0))
@@ -246,7 +257,7 @@ def test_report_carries_the_learned_metrics_section(tmp_path):
 
     learned = {"real": False, "models": ["random weights (seed 0)"] * 2,
                "table": {"base/class": {m: 0.5 for m in report.LEARNED_METRICS}}}
-    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, seed=0, finetune_steps=1, lr=1e-4,
+    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, seed=0, finetune_steps=1, noreg_steps=1, variants="white", lr=1e-4,
                               batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1)
     text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()

@@ -99,13 +99,14 @@ class PairStore:
         """Refuse a rerun whose settings differ from the folder's, naming every difference."""
         before = self.settings["recipe"] if self.settings else recipe
         diffs = []
-        for key in (k for k in recipe if before.get(k) != recipe[k]):
+        keys = [*recipe, *(k for k in before if k not in recipe)]  # a setting only one side has differs too
+        for key in (k for k in keys if before.get(k) != recipe.get(k)):
             if key == "photos":  # [kind, name, sha256] each
                 old, new = ({f"{k}/{n}" for k, n, _ in photos} for photos in (before.get(key, []), recipe[key]))
                 changed = sorted(old ^ new) or ["same names, other content or order"]
                 diffs.append(f"photos differ: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''}")
             else:
-                diffs.append(f"{key}: {before.get(key)!r} in the folder, {recipe[key]!r} now")
+                diffs.append(f"{key}: {before.get(key)!r} in the folder, {recipe.get(key)!r} now")
         if diffs:
             raise UsageError(f"--output {self.path} was generated with other settings:\n  " + "\n  ".join(diffs)
                              + "\nUse a new --output folder (or delete this one to start over).")
