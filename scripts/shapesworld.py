@@ -74,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--variants", default="white,orange,green,red",
                       help="colours of the follow-up edits of every training input ('make the circle <colour>', "
                            "generate_dataset.py --vary_template), comma-separated; '' for none")
-    demo.add_argument("--reg_photos", type=int, default=4, help="real circles and real class instances (each)")
-    demo.add_argument("--reg_pairs", type=int, default=8, help="regularization pairs per subject")
+    demo.add_argument("--reg_photos", type=int, default=6,
+                      help="real circles and real class instances (each), their colours cycling through the world's six")
+    demo.add_argument("--reg_pairs", type=int, default=12, help="regularization pairs per subject")
     demo.add_argument("--heldout", type=int, default=6, help="held-out circles to edit and score per subject")
     demo.add_argument("--finetune_steps", type=int, default=100, help="main.py --max_steps of each fine-tune")
     demo.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
@@ -159,19 +160,27 @@ def write_photos(folder: Path, scenes: list[sw.Scene]) -> None:
         sw.to_pil(sw.render(scene)).save(folder / f"{index:03d}.png")
 
 
+def prior_colours(rng: np.random.Generator, count: int) -> list[str]:
+    """``count`` colours for the regularization photos: every world colour in turn (in a random order), so that the
+    class prior is held for every colour a held-out circle can have (random draws can give four green stars)."""
+    order = [str(c) for c in rng.permutation(list(sw.COLOURS))]
+    return [order[i % len(order)] for i in range(count)]
+
+
 def make_world(out: Path, args: argparse.Namespace, subjects: tuple[Subject, ...]) -> list[sw.Scene]:
     """Photos of each subject, real circles and real instances of each class (regularization), and held-out circles.
 
     Returns the held-out scenes (the same circles for every subject: their ground truth is in ``scenes.json``).
     """
     rng = np.random.default_rng([args.seed, 2026])
-    write_photos(out / "photos" / "circles", [sw.random_scene(rng, shape=SOURCE_WORD) for _ in range(args.reg_photos)])
+    write_photos(out / "photos" / "circles", [sw.random_scene(rng, shape=SOURCE_WORD, fill=colour)
+                                              for colour in prior_colours(rng, args.reg_photos)])
     for number, subject in enumerate(subjects):
         subject_rng = np.random.default_rng([args.seed, 2026, number])
         write_photos(out / "photos" / subject.slug, [sw.random_scene(subject_rng, shape=subject.shape, fill=subject.fill)
                                                      for _ in range(args.subject_photos)])
-        write_photos(out / "photos" / subject.shape, [sw.random_scene(subject_rng, shape=subject.shape)
-                                                      for _ in range(args.reg_photos)])
+        write_photos(out / "photos" / subject.shape, [sw.random_scene(subject_rng, shape=subject.shape, fill=colour)
+                                                      for colour in prior_colours(subject_rng, args.reg_photos)])
     heldout_rng = np.random.default_rng([args.seed, 7])  # independent of the photo counts
     heldout = [sw.random_scene(heldout_rng, shape=SOURCE_WORD) for _ in range(args.heldout)]
     write_photos(out / "heldout", heldout)

@@ -221,6 +221,29 @@ def test_the_method_works_in_shapesworld(tmp_path):
         assert (out / picture).stat().st_size > 1000 and f"({picture})" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_regularization_photos_cover_every_colour(tmp_path, seed):
+    """The prior is held for the colours it is shown: the demo's real circles and class photos cycle through all six
+    world colours (seed 1 once drew four green stars and four blue squares, and "star" then turned red circles pale)."""
+    import argparse
+
+    from PIL import Image
+
+    from scripts import shapesworld as demo
+    from scripts import shapesworld_report as report
+
+    args = argparse.Namespace(seed=seed, reg_photos=7, subject_photos=2, heldout=2)
+    demo.make_world(tmp_path, args, report.SUBJECTS)
+    palette = np.asarray(list(sw.COLOURS.values()), dtype=np.float32) / 255.0  # (6, 3)
+    for folder in ["circles", *(subject.shape for subject in report.SUBJECTS)]:
+        found = []
+        for path in sorted((tmp_path / "photos" / folder).glob("*.png")):
+            pixels = sw.from_pil(Image.open(path)).reshape(-1, 3)
+            distance = np.abs(pixels[:, None, :] - palette[None]).sum(-1)  # (H·W, 6)
+            found.append(int(np.bincount(distance.argmin(1)[distance.min(1) < 1e-3], minlength=6).argmax()))
+        assert len(found) == 7 and sorted(found[:6]) == list(range(6)) and found[6] == found[0], (folder, found)
+
+
 def test_learned_metrics_sit_beside_the_ground_truth_ones_with_the_caveat(tmp_path):
     """The demo's evaluate.py metrics, here with random-weight encoders: an unedited image keeps its background
     exactly (L1 0, SSIM 1); an edit that changes the background scores worse; the report states the caveat."""
