@@ -48,6 +48,15 @@ PERSONALIZE_CONFIG = REPO / "configs" / "shapesworld" / "personalize.yaml"
 BASE_CKPT = REPO / "configs" / "shapesworld" / "base.safetensors"
 
 
+def world_colours(text: str) -> list[str]:
+    """``--variants``: comma-separated colour names of the world (empty entries dropped)."""
+    colours = [c for c in text.split(",") if c]
+    unknown = [c for c in colours if c not in sw.COLOURS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: not a colour of the world ({', '.join(sw.COLOURS)})")
+    return colours
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -71,11 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--noreg_steps", type=int, default=60, help="main.py --max_steps of each reg_weight=0 fine-tune")
     demo.add_argument("--subject_photos", type=int, default=4, help="photos of each subject")
     demo.add_argument("--samples_per_image", type=int, default=1, help="reverse edits per subject photo")
-    demo.add_argument("--variants", default="white,orange,green,red",
+    demo.add_argument("--variants", type=world_colours, default="white,orange,green,red",
                       help="colours of the follow-up edits of every training input ('make the circle <colour>', "
                            "generate_dataset.py --vary_template), comma-separated; '' for none")
     demo.add_argument("--reg_photos", type=int, default=6,
-                      help="real circles and real class instances (each), their colours cycling through the world's six")
+                      help="real circles and real class instances (each), their colours cycling through the "
+                           "world's six")
     demo.add_argument("--reg_pairs", type=int, default=12, help="regularization pairs per subject")
     demo.add_argument("--heldout", type=int, default=6, help="held-out circles to edit and score per subject")
     demo.add_argument("--finetune_steps", type=int, default=100, help="main.py --max_steps of each fine-tune")
@@ -212,11 +222,6 @@ def demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"base model not found: {args.base} (train one with `python scripts/shapesworld.py base`)")
     if not 1 <= args.subjects <= len(SUBJECTS) or not 0 <= args.noreg_subjects <= args.subjects:
         raise SystemExit(f"--subjects must lie in 1..{len(SUBJECTS)} and --noreg_subjects in 0..--subjects")
-    variants = [c for c in args.variants.split(",") if c]
-    unknown = sorted(set(variants) - set(sw.COLOURS))
-    if unknown:
-        raise SystemExit(f"--variants {args.variants!r}: {', '.join(unknown)} not a colour of the world "
-                         f"({', '.join(sw.COLOURS)})")
     subjects = SUBJECTS[: args.subjects]
     start = time.perf_counter()
     heldout = make_world(out, args, subjects)
@@ -239,7 +244,7 @@ def demo(args: argparse.Namespace) -> int:
         progress.run(f"{subject.name}: training pairs (base model in reverse)", "scripts/generate_dataset.py", [
             "--mode", "train", "--subject_dir", str(out / "photos" / subject.slug), "--identifier", IDENTIFIER,
             "--samples_per_image", str(args.samples_per_image), "--output", str(data / "training"),
-            *(x for colour in variants for x in ("--vary_template", f"make the {SOURCE_WORD} {colour}")),
+            *(x for colour in args.variants for x in ("--vary_template", f"make the {SOURCE_WORD} {colour}")),
             "--seed", str(args.seed), "--batch-size", str(args.subject_photos), *words, *sample])
         progress.run(f"{subject.name}: regularization pairs", "scripts/generate_dataset.py", [
             "--mode", "reg", "--reg_source_dir", str(out / "photos" / "circles"),
@@ -253,7 +258,8 @@ def demo(args: argparse.Namespace) -> int:
                 "-b", str(PERSONALIZE_CONFIG), "-t", "-n", name, "-s", str(args.seed), "-l", str(out / "logs"),
                 "--actual_resume", str(base), "--data_root", str(data / "training"),
                 "--reg_data_root", str(data / "regularization"), "--identifier", IDENTIFIER,
-                "--max_steps", str(args.finetune_steps if model == "finetuned_reg" else args.noreg_steps), *words, f"model.base_learning_rate={args.lr}",
+                "--max_steps", str(args.finetune_steps if model == "finetuned_reg" else args.noreg_steps), *words,
+                f"model.base_learning_rate={args.lr}",
                 f"data.params.batch_size={args.batch}", "lightning.callbacks.image_logger.params.disabled=true",
                 *(["model.params.reg_weight=0"] if model == "finetuned_noreg" else [])])
             checkpoints[model] = find_export(out / "logs", name)

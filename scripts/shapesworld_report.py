@@ -283,7 +283,6 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
                  args: argparse.Namespace, learned: dict[str, Any] | None = None) -> Path:
     """``report.md``: the table (mean ± spread over subjects), per-subject numbers, the pictures and the timings."""
     names = ", ".join(f'{s.name} ("sks {s.shape}")' for s in subjects)
-    variants = [c for c in args.variants.split(",") if c]
     lines = [
         "# ShapesWorld report", "",
         f"Subjects: {names}. Each is edited on the same "
@@ -292,7 +291,7 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         f"{args.cfg_text:g}, image guidance {args.cfg_image:g}, seed {args.seed}. Fine-tuning: {args.finetune_steps} "
         f"steps ({args.noreg_steps} for reg_weight=0), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
         f"(subject + regularization pairs), {args.subject_photos} subject photos × {args.samples_per_image} reverse "
-        f"edits × (1 + {len(variants)} recoloured: {', '.join(variants) or 'none'}), {args.reg_pairs} "
+        f"edits × (1 + {len(args.variants)} recoloured: {', '.join(args.variants) or 'none'}), {args.reg_pairs} "
         f"regularization pairs per subject.", "",
         "Mean ± spread (sample standard deviation) over the subjects each model was run on (n):", "",
         "| model | n | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",

@@ -280,7 +280,7 @@ def test_report_carries_the_learned_metrics_section(tmp_path):
 
     learned = {"real": False, "models": ["random weights (seed 0)"] * 2,
                "table": {"base/class": {m: 0.5 for m in report.LEARNED_METRICS}}}
-    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, seed=0, finetune_steps=1, noreg_steps=1, variants="white", lr=1e-4,
+    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, seed=0, finetune_steps=1, noreg_steps=1, variants=["white"], lr=1e-4,
                               batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1)
     text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()

@@ -81,16 +81,16 @@ def generate(model: Any, pairs: list[Pair], images: dict[Path, Image.Image], fol
             jobs = [(pair, k) for pair in batch for k in range(candidates)]
             keys = [(pair.photo.path, candidate_seed(pair.seed, k), pair.edit_instruction) for pair, k in jobs]
             todo = list(dict.fromkeys(key for key in keys if key not in first_edits))
-            made = edit_images(model, [images[path] for path, _, _ in todo], [text for _, _, text in todo],
-                               [seed for _, seed, _ in todo], base, batch_size)
-            first_edits.update(zip(todo, made))
+            reverse_edits = edit_images(model, [images[path] for path, _, _ in todo],
+                                        [text for _, _, text in todo], [seed for _, seed, _ in todo], base, batch_size)
+            first_edits.update(zip(todo, reverse_edits))
             edits = [first_edits[key] for key in keys]
             follow = [number for number, (pair, _) in enumerate(jobs) if pair.follow_up]
             if follow:
-                made = edit_images(model, [edits[n] for n in follow], [jobs[n][0].follow_up for n in follow],
-                                   [candidate_seed(jobs[n][0].follow_up_seed, jobs[n][1]) for n in follow], base,
-                                   batch_size)
-                for number, image in zip(follow, made):
+                varied = edit_images(model, [edits[n] for n in follow], [jobs[n][0].follow_up for n in follow],
+                                     [candidate_seed(jobs[n][0].follow_up_seed, jobs[n][1]) for n in follow], base,
+                                     batch_size)
+                for number, image in zip(follow, varied):
                     edits[number] = image
             first_edits = {key: first_edits[key] for key in keys}  # a group may go on in the next batch
             for number, pair in enumerate(batch):
