@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pair per input, same real photo as target, so the inputs vary beyond the look the reverse "
                         "edit gives them; repeat for several (not for reg pairs: their target must stay a faithful "
                         "edit of the input)")
+    p.add_argument("--paste_back", "--paste-back", type=float, default=None, metavar="THRESHOLD",
+                   help="keep the real photo wherever the edit changed it by less than THRESHOLD (mean absolute "
+                        "difference, 0-1, after a blur; e.g. 0.08), so a pair differs only where the edit acts "
+                        "(ldm/data/paste_back.py); for local edits (replace an object), not whole-image ones")
     p.add_argument("--forward_template", "--forward-template", default=None,
                    help=f"the caption (and the edit of source photos); default {FORWARD_TEMPLATES['train']!r} "
                         f"(train), {FORWARD_TEMPLATES['reg']!r} (reg)")
@@ -107,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.candidates = (args.candidates or DEFAULT_CANDIDATES) if args.filter != "none" else 1
     if args.candidates < 1:
         p.error(f"--candidates must be at least 1, got {args.candidates}")
+    if args.paste_back is not None and not 0 < args.paste_back < 1:
+        p.error(f"--paste_back must be between 0 and 1 (exclusive), got {args.paste_back}")
     return args
 
 
@@ -256,6 +262,8 @@ def run(args: argparse.Namespace, on_commit: Callable[[int], None] | None = None
     recipe["photos"] = [[p.kind, p.path.name, p.sha256] for p in photos]
     if args.vary_template:  # only when given: folders made before the option resume as before
         recipe["vary_template"] = args.vary_template
+    if args.paste_back is not None:
+        recipe["paste_back"] = args.paste_back
     recipe["filter"] = None if args.filter == "none" else {"method": args.filter, "candidates": args.candidates,
                                                           "clip": args.filter_clip}
     folder = PairStore(args.output, on_commit)
@@ -306,6 +314,8 @@ def generate_pending(args: argparse.Namespace, folder: PairStore, pending: list[
         "resolution": args.resolution, "checkpoint": identity["name"], "checkpoint_sha256": identity["sha256"],
         "ema": loaded.used_ema, "precision": precision, "device": device.type,
     }
+    if args.paste_back is not None:
+        record_base["paste_back"] = args.paste_back
     generate(loaded.model, pending, images, folder, record_base, args.batch_size, args.quiet, selector, args.candidates)
 
 

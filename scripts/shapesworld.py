@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--noreg_subjects", type=int, default=3,
                       help="subjects also fine-tuned with reg_weight=0 (the ablation), the first ones")
     demo.add_argument("--noreg_steps", type=int, default=60, help="main.py --max_steps of each reg_weight=0 fine-tune")
-    demo.add_argument("--subject_photos", type=int, default=4, help="photos of each subject")
+    demo.add_argument("--subject_photos", type=int, default=6, help="photos of each subject")
     demo.add_argument("--samples_per_image", type=int, default=1, help="reverse edits per subject photo")
     demo.add_argument("--variants", type=world_colours, default="white,orange,green,red",
                       help="colours of the follow-up edits of every training input ('make the circle <colour>', "
@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="real circles and real class instances (each), their colours cycling through the "
                            "world's six")
     demo.add_argument("--reg_pairs", type=int, default=12, help="regularization pairs per subject")
+    demo.add_argument("--paste_back", type=float, default=0.08,
+                      help="generate_dataset.py --paste_back of every pair (the real photo kept wherever the edit "
+                           "changed it by less than this); 0 for none")
     demo.add_argument("--heldout", type=int, default=6, help="held-out circles to edit and score per subject")
     demo.add_argument("--finetune_steps", type=int, default=100, help="main.py --max_steps of each fine-tune")
     demo.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
@@ -97,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--base_identifier", action="store_true",
                       help="also edit with the base model and the identifier prompt (its subject fidelity)")
     demo.add_argument("--steps", type=int, default=12, help="sampling steps of every edit and generated pair")
-    demo.add_argument("--cfg-text", type=float, default=5.0, help="text guidance scale")
+    demo.add_argument("--cfg-text", type=float, default=3.0,
+                      help="text guidance scale (3: at 5 every model changes backgrounds more, docs/shapesworld.md)")
     demo.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale")
     demo.add_argument("--seed", type=int, default=0, help="world, pair generation, training and editing seed")
     demo.add_argument("--grid_rows", type=int, default=2, help="held-out examples per subject shown in grid.png")
@@ -235,6 +239,7 @@ def demo(args: argparse.Namespace) -> int:
                 sum(map(len, runs.values())), sum(map(len, edits.values())), out)
     sample = ["--ckpt", str(base), "--config", str(BASE_CONFIG), "--steps", str(args.steps), "--resolution", "64",
               "--cfg-text", str(args.cfg_text), "--cfg-image", str(args.cfg_image), "--device", "cpu", "--quiet"]
+    paste = ["--paste_back", str(args.paste_back)] if args.paste_back else []
     per_subject: dict[str, dict[str, dict[str, float]]] = {}
     per_image: dict[str, dict] = {}
     losses: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -245,12 +250,13 @@ def demo(args: argparse.Namespace) -> int:
             "--mode", "train", "--subject_dir", str(out / "photos" / subject.slug), "--identifier", IDENTIFIER,
             "--samples_per_image", str(args.samples_per_image), "--output", str(data / "training"),
             *(x for colour in args.variants for x in ("--vary_template", f"make the {SOURCE_WORD} {colour}")),
+            *paste,
             "--seed", str(args.seed), "--batch-size", str(args.subject_photos), *words, *sample])
         progress.run(f"{subject.name}: regularization pairs", "scripts/generate_dataset.py", [
             "--mode", "reg", "--reg_source_dir", str(out / "photos" / "circles"),
             "--reg_class_dir", str(out / "photos" / subject.shape), "--num_pairs", str(args.reg_pairs),
             "--output", str(data / "regularization"), "--seed", str(args.seed + 1),
-            "--batch-size", str(args.reg_pairs), *words, *sample])
+            "--batch-size", str(args.reg_pairs), *paste, *words, *sample])
         checkpoints = {"base": base}
         for model in runs[subject.slug]:
             name = f"{subject.slug}_{'reg' if model == 'finetuned_reg' else 'noreg'}"

@@ -197,6 +197,33 @@ def test_variants_share_the_reverse_edit_and_target(train_set, photos, tiny_ckpt
             capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["train", "reg"])
+def test_paste_back_composites_the_generated_side(train_set, reg_set, photos, tiny_ckpt, tmp_path, capsys, mode):
+    """--paste_back: the generated side is `paste_back` of the edit a run without it made (same seeds) onto the
+    real side; the real side is untouched; the threshold is recorded and part of the recipe."""
+    from ldm.data.paste_back import paste_back
+
+    plain, output = (train_set, tmp_path / "pasted") if mode == "train" else (reg_set, tmp_path / "pasted_reg")
+    threshold = "0.15"
+    args = (_train_args(photos, tiny_ckpt, output, "--batch-size", "3") if mode == "train" else
+            ["--mode", "reg", "--reg_source_dir", str(photos["wolves"]), "--reg_class_dir", str(photos["dogs"]),
+             "--num_pairs", "5", "--output", str(output), "--ckpt", str(tiny_ckpt), *WORDS, *COMMON])
+    assert main([*args, "--paste_back", threshold]) == 0
+    records, before = _records(output), _records(plain)[: len(_records(output))]
+    kept = changed = 0
+    for record, old in zip(records, before):
+        assert record["paste_back"] == 0.15 and record["seed"] == old["seed"]
+        made, real = ("input", "target") if record["generated"] == "input" else ("target", "input")
+        np.testing.assert_array_equal(_pixels(output / record[real]), _pixels(plain / old[real]))
+        expected = paste_back(Image.open(plain / old[made]), Image.open(plain / old[real]), 0.15)
+        np.testing.assert_array_equal(_pixels(output / record[made]), np.asarray(expected))
+        pasted = _pixels(output / record[made]) == _pixels(output / record[real])
+        kept, changed = kept + pasted.all(-1).sum(), changed + (~pasted).any(-1).sum()
+    assert kept and changed, "the tiny model's edits should be partly pasted back at this threshold"
+    assert main(args) == 2  # a rerun without it is refused, naming the setting
+    assert "paste_back: 0.15 in the folder, None now" in capsys.readouterr().err
+
+
 def _killing_python(tmp_path: Path, commit: int) -> Path:
     """A stand-in for ``$PYTHON`` of generate_dataset.sh: runs the script's ``main`` with an ``on_commit`` callback
     that SIGKILLs the process just before its ``commit``-th commit."""
@@ -333,7 +360,8 @@ def test_bad_arguments_exit_2():
                  ["--mode", "reg", "--reg_class_dir", "d", "--samples_per_image", "2", *WORDS, "--output", "o"],
                  # reg targets must stay faithful edits of their inputs: no recoloured variants
                  ["--mode", "reg", "--reg_class_dir", "d", "--vary_template", "make the {source} white", *WORDS,
-                  "--output", "o"]):
+                  "--output", "o"],
+                 ["--mode", "reg", "--reg_class_dir", "d", "--paste_back", "1.5", *WORDS, "--output", "o"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2

@@ -70,7 +70,9 @@ def generate(model: Any, pairs: list[Pair], images: dict[Path, Image.Image], fol
     precision, cfg_text, cfg_image). With a ``selector`` (`ldm.evaluation.filtering.ClipPairFilter`) each pair is
     edited ``candidates`` times (seeds `candidate_seed`) and the selected edit is kept; its record gets ``filter``.
     A pair with a ``follow_up`` gets it applied to each candidate (after the reverse edit, which its group shares).
+    With ``record_base["paste_back"]`` the kept edit is composited onto its real photo (`paste_back.paste_back`).
     """
+    from ldm.data.paste_back import paste_back  # here: torch stays out of generate_dataset.py --help
     from ldm.editing import same_size_batches
 
     batches = same_size_batches(pairs, lambda pair: images[pair.photo.path].size, batch_size)
@@ -102,6 +104,8 @@ def generate(model: Any, pairs: list[Pair], images: dict[Path, Image.Image], fol
                 if selector is not None:
                     made, extra["filter"] = select_edit(selector, pair, real,
                                                         edits[number * candidates : (number + 1) * candidates], base)
+                if base.get("paste_back") is not None:
+                    made = paste_back(made, real, base["paste_back"])
                 names = folder.pair_names(pair.index)
                 record = {
                     **base, "index": pair.index, "input": names[0], "target": names[1],
