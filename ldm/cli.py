@@ -15,6 +15,13 @@ SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim")  # ldm.editing.edit_latents
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: ldm.editing.resolve_precision
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that shows each option's default, except None: there the help itself says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_ema_args(parser: argparse.ArgumentParser, verb: str) -> None:
     """``--ema`` / ``--no-ema`` (``args.ema``: True, False, or None for "EMA when the checkpoint has a complete
     copy"); ``verb`` says what is done with the weights ("use", "export", "convert")."""

@@ -34,13 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import DEFAULT_CONFIG, add_ema_args, add_lora_args, check_lora_args, run_cli  # noqa: E402
+from ldm.cli import DEFAULT_CONFIG, HelpFormatter, add_ema_args, add_lora_args, check_lora_args, run_cli  # noqa: E402
 from ldm.errors import MissingFileError, UsageError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--ckpt", required=True,
                         help="model weights (.ckpt or .safetensors, original layout): a training checkpoint, a "

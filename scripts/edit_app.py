@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import (SAMPLER_NAMES, add_lora_args, add_model_args, check_lora_args,  # noqa: E402
+from ldm.cli import (SAMPLER_NAMES, HelpFormatter, add_lora_args, add_model_args, check_lora_args,  # noqa: E402
                      check_sampling_args, run_cli)
 from ldm.errors import UsageError, UserError  # noqa: E402
 
@@ -52,7 +52,7 @@ SEED_MAX = 2**31 - 1
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Edit photos in the browser following a text instruction (InstructPix2Pix).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_args(parser, "model weights (.ckpt or .safetensors, original layout)")
     add_lora_args(parser, "LoRA file (kohya/A1111 layout) merged into the weights at load; repeat for several")

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import (add_lora_args, add_model_args, add_sampling_args, check_lora_args,  # noqa: E402
+from ldm.cli import (HelpFormatter, add_lora_args, add_model_args, add_sampling_args, check_lora_args,  # noqa: E402
                      check_sampling_args, run_cli)
 from ldm.errors import UsageError  # noqa: E402
 
@@ -42,7 +42,7 @@ class Job:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Edit images following a text instruction (InstructPix2Pix, three-way classifier-free guidance).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--input", required=True, help="an image file, a folder of images, or a quoted glob pattern")
     parser.add_argument("--output", required=True, help="output image file (one input, one setting) or folder")

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import run_cli  # noqa: E402
+from ldm.cli import HelpFormatter, run_cli  # noqa: E402
 from ldm.errors import UsageError  # noqa: E402
 from ldm.evaluation.models import CLIP_ID, DINO_ID  # noqa: E402
 
@@ -30,7 +30,7 @@ logger = logging.getLogger("evaluate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--edits", action="append", required=True, metavar="[LABEL=]PATH",
                    help="edited images (file, folder or quoted glob); repeat for several runs or checkpoints")
     p.add_argument("--sources", help="folder of the images the edits were made from (background metrics)")

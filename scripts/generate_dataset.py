@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import add_model_args, add_sampling_args, check_sampling_args, run_cli  # noqa: E402
+from ldm.cli import HelpFormatter, add_model_args, add_sampling_args, check_sampling_args, run_cli  # noqa: E402
 from ldm.data.pair_generation import Pair, Photo, follow_up_seed, generate, pair_seed  # noqa: E402
 from ldm.data.pair_store import SETTINGS, SETTINGS_FORMAT, PairStore  # noqa: E402
 from ldm.errors import UsageError  # noqa: E402
@@ -50,7 +50,7 @@ DEFAULT_CANDIDATES = 4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--mode", choices=("train", "reg"), required=True, help="training or regularization pairs")
     p.add_argument("--subject_dir", "--subject-dir", help="train: real photos of the subject (the targets)")
     p.add_argument("--reg_source_dir", "--reg-source-dir", help="reg: real photos of the source class (inputs)")

@@ -136,3 +136,17 @@ def test_main_error_messages_name_the_file(files, tmp_path):
                                 "REG_DATA_ROOT": str(files["good"]), "LOGDIR": str(tmp_path), "CWD": str(tmp_path)})
     assert_user_error(result, f"--data_root {tmp_path / 'x'}")
     assert Path(files["bad"] / "00_0.png").exists()  # nothing the user had was touched
+
+
+@pytest.mark.parametrize("script", ["generate_dataset", "edit_cli", "edit_app", "evaluate", "convert_to_diffusers"])
+def test_help_shows_defaults_but_never_none(script, capsys):
+    """--help lists each option's default; an option whose default is None ("not given") says in its help what
+    happens instead of printing "(default: None)" after, e.g., "pairs per subject photo (default 1)"."""
+    import importlib
+
+    module = importlib.import_module(f"scripts.{script}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: " in text and "(default: None)" not in text
