@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
 
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, ResumingCSVLogger, SetupCallback, StepCheckpoint  # noqa: E402  (config targets main.*)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: E402
-from ldm.cli import exit_status  # noqa: E402
+from ldm.cli import HelpFormatter, exit_status  # noqa: E402
 from ldm.errors import UsageError  # noqa: E402
 from ldm.run_settings import learning_rate, trainer_settings  # noqa: E402
 
@@ -61,7 +61,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune InstructPix2Pix DreamBooth-style (CompVis main.py flags on Lightning 2). "
         "Extra arguments of the form a.b=c override the merged config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-n", "--name", type=str, const=True, default="", nargs="?", help="postfix for the log dir")
     parser.add_argument("-r", "--resume", type=str, const=True, default="", nargs="?",

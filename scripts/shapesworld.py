@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ldm.cli import HelpFormatter  # noqa: E402
 from ldm.data import shapesworld as sw  # noqa: E402
 from scripts.shapesworld_report import (IDENTIFIER, MODELS, PROMPT_KINDS, SOURCE_WORD, SUBJECTS,  # noqa: E402
                                         Subject, learned_scores, make_grid, make_loss_plot, make_metrics_chart,
@@ -59,10 +60,10 @@ def world_colours(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     base = sub.add_parser("base", help="train the base model with main.py and store it as fp16 safetensors",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     base.add_argument("--out", default=str(BASE_CKPT), help="where to write the base weights (.safetensors)")
     base.add_argument("--max_steps", type=int, default=3793, help="training steps (3793: the bundled model)")
     base.add_argument("--gpus", default=None, help="main.py --gpus, e.g. '0,' (the bundled model was trained on one GPU)")
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base.add_argument("--logdir", default="logs", help="main.py --logdir")
     base.add_argument("overrides", nargs="*", help="main.py a.b=c config overrides")
     demo = sub.add_parser("demo", help="the whole method on the bundled base model, with a report",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     demo.add_argument("--out", default=None,
                       help="output folder, must not hold a previous run (default: outputs/shapesworld/<timestamp>)")
     demo.add_argument("--base", default=str(BASE_CKPT), help="base model weights")

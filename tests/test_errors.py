@@ -138,15 +138,18 @@ def test_main_error_messages_name_the_file(files, tmp_path):
     assert Path(files["bad"] / "00_0.png").exists()  # nothing the user had was touched
 
 
-@pytest.mark.parametrize("script", ["generate_dataset", "edit_cli", "edit_app", "evaluate", "convert_to_diffusers"])
-def test_help_shows_defaults_but_never_none(script, capsys):
+@pytest.mark.parametrize("script, argv", [("scripts.generate_dataset", []), ("scripts.edit_cli", []),
+                                          ("scripts.edit_app", []), ("scripts.evaluate", []),
+                                          ("scripts.convert_to_diffusers", []), ("main", []),
+                                          ("scripts.shapesworld", ["demo"]), ("scripts.shapesworld", ["base"])])
+def test_help_shows_defaults_but_never_none(script, argv, capsys):
     """--help lists each option's default; an option whose default is None ("not given") says in its help what
     happens instead of printing "(default: None)" after, e.g., "pairs per subject photo (default 1)"."""
     import importlib
 
-    module = importlib.import_module(f"scripts.{script}")
+    module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exit_info:
-        module.main(["--help"])
+        module.main([*argv, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "(default: " in text and "(default: None)" not in text
