@@ -16,10 +16,12 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: ldm.editing.resolve_preci
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` that shows each option's default, except None: there the help itself says what happens."""
+    """``--help`` that shows each option's default, except "not given" (None, or the empty list of a repeatable
+    flag): there the help itself says what happens."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
+        not_given = action.default is None or action.default == []
+        return action.help if not_given else super()._get_help_string(action)
 
 
 def add_ema_args(parser: argparse.ArgumentParser, verb: str) -> None:

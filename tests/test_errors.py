@@ -152,4 +152,4 @@ def test_help_shows_defaults_but_never_none(script, argv, capsys):
         module.main([*argv, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "(default: " in text and "(default: None)" not in text
+    assert "(default: " in text and "(default: None)" not in text and "(default: [])" not in text
