@@ -5,9 +5,9 @@ train.yaml``; diffusers' pipeline gets the same weights through its own single-f
 
 * edit: one 512x512 edit, 50 Euler steps, three-way guidance, same image and noise; fp32 and fp16 autocast, eager
   and ``torch.compile`` of the UNet (compile time = the first call's extra time); median of ``--repeats``.
-* fine-tune: ``--train-steps`` DreamBooth steps at 256 px, batch 1 train + 1 reg (two ``shared_step`` calls,
-  prior-preservation sum, AdamW), full fine-tune fp32 and bf16 autocast, with and without gradient checkpointing;
-  seconds per step and peak CUDA memory (``torch.cuda.max_memory_allocated``).
+* fine-tune: ``--train-steps`` DreamBooth steps at 256 px, batch 1 train + 1 reg (``joint_step``: one UNet call on
+  both, as ``training_step``), prior-preservation sum, AdamW; full fine-tune fp32 and bf16 autocast, with and without
+  gradient checkpointing; seconds per step and peak CUDA memory (``torch.cuda.max_memory_allocated``).
 
     python bench/bench_gpu.py --out bench/gpu-out/bench_gpu.md
 """
@@ -127,8 +127,8 @@ def train_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
 
         def step(i: int) -> None:
             with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-                loss_train, _ = model.shared_step(batch(), torch.Generator().manual_seed(2 * i))
-                loss_reg, _ = model.shared_step(batch(), torch.Generator().manual_seed(2 * i + 1))
+                generators = torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(2 * i + 1)
+                (loss_train, _), (loss_reg, _) = model.joint_step(batch(), batch(), generators)
             (loss_train + loss_reg).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

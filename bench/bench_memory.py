@@ -96,8 +96,8 @@ def loss_of(model, train, reg, step: int):
 
     from ldm.models.diffusion.losses import prior_preservation_loss
 
-    loss_train, _ = model.shared_step(train, torch.Generator().manual_seed(2 * step))
-    loss_reg, _ = model.shared_step(reg, torch.Generator().manual_seed(2 * step + 1))
+    generators = torch.Generator().manual_seed(2 * step), torch.Generator().manual_seed(2 * step + 1)
+    (loss_train, _), (loss_reg, _) = model.joint_step(train, reg, generators)  # as training_step
     return prior_preservation_loss(loss_train, loss_reg, model.reg_weight)
 
 

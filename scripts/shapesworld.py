@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--subjects", type=int, default=3, help="subjects (striped star, checkered square, dotted triangle)")
     demo.add_argument("--noreg_subjects", type=int, default=3,
                       help="subjects also fine-tuned with reg_weight=0 (the ablation), the first ones")
-    demo.add_argument("--noreg_steps", type=int, default=60, help="main.py --max_steps of each reg_weight=0 fine-tune")
+    demo.add_argument("--noreg_steps", type=int, default=100, help="main.py --max_steps of each reg_weight=0 fine-tune")
     demo.add_argument("--subject_photos", type=int, default=6, help="photos of each subject")
     demo.add_argument("--samples_per_image", type=int, default=1, help="reverse edits per subject photo")
     demo.add_argument("--variants", type=world_colours, default="white,orange,green,red",
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="generate_dataset.py --paste_back of every pair (the real photo kept wherever the edit "
                            "changed it by less than this); 0 for none")
     demo.add_argument("--heldout", type=int, default=6, help="held-out circles to edit and score per subject")
-    demo.add_argument("--finetune_steps", type=int, default=100, help="main.py --max_steps of each fine-tune")
+    demo.add_argument("--finetune_steps", type=int, default=125, help="main.py --max_steps of each fine-tune")
     demo.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
     demo.add_argument("--batch", type=int, default=4, help="subject pairs (and as many regularization pairs) per step")
     demo.add_argument("--dino", default=None, help="DINO ViT-S/16 (hub id or folder) for the learned metrics; "

@@ -255,15 +255,18 @@ def test_reg_weight_changes_the_gradient():
 
 @pytest.mark.parametrize("reg_weight", [0.0, 0.5])
 def test_training_step_with_a_reg_batch(reg_weight, monkeypatch):
-    """training_step on [train, reg]: the loss is loss_train + reg_weight · loss_reg and both parts are logged; at
-    reg_weight 0 the prior term is computed for the log only (no graph), and the gradient is the train-only one."""
+    """training_step on [train, reg]: the loss is loss_train + reg_weight · loss_reg, both parts are logged, and
+    each part and the gradient are what two separate `shared_step` calls with the step's generators give (the
+    trained prior term runs in one UNet call with the subject batch). At reg_weight 0 the prior term is computed
+    for the log only (no graph), and the gradient is the train-only one."""
     model = _dreambooth_model()
     model.reg_weight = reg_weight
     logged = {}
     monkeypatch.setattr(model, "log_dict", lambda values, **kwargs: logged.update(values))
     monkeypatch.setattr(model, "log", lambda name, value, **kwargs: logged.update({name: value}))
-    grad_mode, shared_step = [], model.shared_step
-    monkeypatch.setattr(model, "shared_step", lambda *a: grad_mode.append(torch.is_grad_enabled()) or shared_step(*a))
+    unet_batches, unet = [], model.model.diffusion_model.forward
+    monkeypatch.setattr(model.model.diffusion_model, "forward",
+                        lambda x, *a, **k: unet_batches.append((len(x), torch.is_grad_enabled())) or unet(x, *a, **k))
     train_batch, reg_batch = _batch(0), _batch(1, caption="replace the wolf with a dog")
     model.zero_grad()
     loss = model.training_step([train_batch, reg_batch], 3)
@@ -271,13 +274,21 @@ def test_training_step_with_a_reg_batch(reg_weight, monkeypatch):
     grads = torch.cat([p.grad.flatten() for p in model.model.parameters()])
     torch.testing.assert_close(loss.detach(), logged["train/loss_train"] + reg_weight * logged["train/loss_reg"])
     assert logged["train/loss_reg"] > 0
+    assert unet_batches == ([(2, True), (2, False)] if reg_weight == 0 else [(4, True)])
+
     model.zero_grad()
-    shared_step(train_batch, model.step_generator(3, salt=0))[0].backward()
-    train_only = torch.cat([p.grad.flatten() for p in model.model.parameters()])
-    if reg_weight == 0:
-        torch.testing.assert_close(grads, train_only, rtol=0, atol=0)
-    assert grad_mode == [True, reg_weight != 0]
+    loss_train, _ = model.shared_step(train_batch, model.step_generator(3, salt=0))
+    loss_reg, _ = model.shared_step(reg_batch, model.step_generator(3, salt=1))
+    torch.testing.assert_close(logged["train/loss_train"], loss_train.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logged["train/loss_reg"], loss_reg.detach(), rtol=1e-5, atol=1e-7)
+    (loss_train + reg_weight * loss_reg).backward()
+    separate = torch.cat([p.grad.flatten() for p in model.model.parameters()])
+    torch.testing.assert_close(grads, separate, rtol=1e-4, atol=1e-5 * float(separate.abs().max()))
     if reg_weight:
+        model.zero_grad()
+        loss_train.detach_()
+        model.shared_step(train_batch, model.step_generator(3, salt=0))[0].backward()
+        train_only = torch.cat([p.grad.flatten() for p in model.model.parameters()])
         assert (grads - train_only).norm() > 1e-3 * train_only.norm()
 
 

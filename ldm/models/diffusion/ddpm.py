@@ -46,6 +46,9 @@ class DDPM(pl.LightningModule):
         optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, 8-bit optimizer states).
         learning_rate: the optimizer's learning rate (``main.py``: ``base_learning_rate``, scaled by ``--scale_lr``).
         train_seed: the run's seed (``main.py --seed``); noise and timesteps derive from (seed, rank, step).
+        channels_last: keep the UNet's weights in channels-last (NHWC) memory order, so convolutions run in it; the
+            state dict is unchanged. Measured on a 2-core CPU with the ShapesWorld UNet: training steps 15% and
+            sampling 8% faster (docs/shapesworld.md); off by default (not measured on GPUs).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class DDPM(pl.LightningModule):
         optimizer: str = "adamw",
         learning_rate: float = 1.0e-4,
         train_seed: int = 0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         from ldm.lora import LoraSettings
@@ -121,6 +125,8 @@ class DDPM(pl.LightningModule):
         self.train_seed = train_seed
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)  # load_state_dict copies into these strides
         self.use_ema = use_ema
         self.load_ema = load_ema
         if use_ema and load_ema and self.lora is None:
