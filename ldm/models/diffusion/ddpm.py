@@ -47,8 +47,8 @@ class DDPM(pl.LightningModule):
         learning_rate: the optimizer's learning rate (``main.py``: ``base_learning_rate``, scaled by ``--scale_lr``).
         train_seed: the run's seed (``main.py --seed``); noise and timesteps derive from (seed, rank, step).
         channels_last: keep the UNet's weights in channels-last (NHWC) memory order, so convolutions run in it; the
-            state dict is unchanged. Measured on a 2-core CPU with the ShapesWorld UNet: training steps 15% and
-            sampling 8% faster (docs/shapesworld.md); off by default (not measured on GPUs).
+            state dict is unchanged. On a 2-core CPU a ShapesWorld fine-tuning step is 4% faster with it
+            (bench/bench_cpu_step.py, bench/RESULTS.md); off by default (not measured on GPUs).
     """
 
     def __init__(

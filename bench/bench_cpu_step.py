@@ -1,0 +1,86 @@
+"""Benchmark: one DreamBooth fine-tuning step of the ShapesWorld model on the CPU, before and after the speed-ups.
+
+Random weights from ``configs/shapesworld/personalize.yaml`` (no download), batch 4 subject pairs + 4 regularization
+pairs at 64 px, full fine-tune (UNet and text encoder), AdamW. Cases, each adding one change:
+
+* ``two calls``: a UNet call per batch, per-tensor AdamW (``foreach=False``), contiguous weights (before 2026-12-05)
+* ``joint``: subject and prior batch in one UNet call (``joint_step``, what ``training_step`` does)
+* ``joint + fused AdamW``: torch's fused AdamW kernel (what ``ldm.optim.build_optimizer`` picks on CPU and CUDA)
+* ``joint + fused + channels_last``: ``model.params.channels_last`` (the ShapesWorld configs)
+
+Median seconds per step over ``--steps`` after one warm-up step, and the ratio to the first case (not a test):
+
+    python bench/bench_cpu_step.py --out bench/cpu-step.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.models.diffusion.losses import prior_preservation_loss  # noqa: E402
+
+CASES = (("two calls", False, False, False), ("joint", True, False, False),
+         ("joint + fused AdamW", True, True, False), ("joint + fused + channels_last", True, True, True))
+
+
+def batch(generator: torch.Generator, caption: str, size: int = 4) -> dict:
+    return {"image": torch.rand(size, 3, 64, 64, generator=generator) * 2 - 1,
+            "c_concat": torch.rand(size, 3, 64, 64, generator=generator) * 2 - 1, "caption": [caption] * size}
+
+
+def seconds_per_step(joint: bool, fused: bool, channels_last: bool, steps: int) -> float:
+    config = OmegaConf.load(REPO / "configs/shapesworld/personalize.yaml").model
+    config.params.channels_last = channels_last
+    torch.manual_seed(0)
+    model = instantiate_from_config(config).train()
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if fused else torch.optim.AdamW(
+        params, lr=1e-5, foreach=False)
+    data = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(steps + 1):
+        train, reg = batch(data, "replace the circle with a sks star"), batch(data, "replace the circle with a star")
+        generators = torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(2 * i + 1)
+        start = time.perf_counter()
+        if joint:
+            (loss_train, _), (loss_reg, _) = model.joint_step(train, reg, generators)
+        else:
+            loss_train, _ = model.shared_step(train, generators[0])
+            loss_reg, _ = model.shared_step(reg, generators[1])
+        prior_preservation_loss(loss_train, loss_reg, 1.0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps per case", "",
+             "| case | s / step | ratio to 'two calls' |", "|---|---|---|"]
+    first = None
+    for name, joint, fused, channels_last in CASES:
+        seconds = seconds_per_step(joint, fused, channels_last, args.steps)
+        first = first or seconds
+        lines.append(f"| {name} | {seconds:.3f} | {seconds / first:.2f} |")
+        print(lines[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
