@@ -292,6 +292,21 @@ def test_training_step_with_a_reg_batch(reg_weight, monkeypatch):
         assert (grads - train_only).norm() > 1e-3 * train_only.norm()
 
 
+def test_joint_step_with_batches_of_different_sizes_makes_two_calls(monkeypatch):
+    """Subject and prior photos of different sizes cannot share a UNet call: two calls, the same losses."""
+    model = _dreambooth_model()
+    unet_batches, unet = [], model.model.diffusion_model.forward
+    monkeypatch.setattr(model.model.diffusion_model, "forward",
+                        lambda x, *a, **k: unet_batches.append(tuple(x.shape)) or unet(x, *a, **k))
+    train_batch, reg_batch = _batch(0, size=32), _batch(1, caption="replace the wolf with a dog", size=64)
+    with torch.no_grad():
+        (loss_train, _), (loss_reg, _) = model.joint_step(
+            train_batch, reg_batch, (torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)))
+        assert [shape[0] for shape in unet_batches] == [2, 2] and unet_batches[0][2:] != unet_batches[1][2:]
+        torch.testing.assert_close(loss_train, model.shared_step(train_batch, torch.Generator().manual_seed(5))[0])
+        torch.testing.assert_close(loss_reg, model.shared_step(reg_batch, torch.Generator().manual_seed(6))[0])
+
+
 @pytest.mark.parametrize("cond_stage_trainable,unfreeze_model", [(False, True), (True, True), (False, False)])
 def test_frozen_parts_stay_bit_identical(cond_stage_trainable, unfreeze_model):
     model = _dreambooth_model(cond_stage_trainable=cond_stage_trainable, unfreeze_model=unfreeze_model)
