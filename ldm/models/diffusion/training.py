@@ -88,17 +88,14 @@ class LatentDiffusionTraining:
         concatenates instance and class images): the same losses, and one larger batch runs faster than two
         (a ShapesWorld step 12% faster on a 2-core CPU, bench/RESULTS.md). Batches of different latent sizes get
         two calls."""
-        parts = [self.noised_inputs(batch, generator) for batch, generator in zip((train_batch, reg_batch), generators)]
-        shapes = {(p[0].shape[1:], p[2].shape[1:], None if p[3] is None else p[3].shape[1:]) for p in parts}
-        if len(shapes) > 1:
-            preds = [self.apply_model(x, t, hybrid_conditioning(text, image)) for x, t, text, image, _ in parts]
+        train, reg = (self.noised_inputs(batch, g) for batch, g in zip((train_batch, reg_batch), generators))
+        inputs = list(zip(train[:4], reg[:4]))  # (x_noisy, t, text, image_latent) of each
+        if all(a is None and b is None or a.shape[1:] == b.shape[1:] for a, b in inputs):
+            x, t, text, image = (None if a is None else torch.cat([a, b]) for a, b in inputs)
+            preds = self.apply_model(x, t, hybrid_conditioning(text, image)).split([len(train[0]), len(reg[0])])
         else:
-            def joined(i):
-                return None if parts[0][i] is None else torch.cat([p[i] for p in parts])
-
-            pred = self.apply_model(joined(0), joined(1), hybrid_conditioning(joined(2), joined(3)))
-            preds = pred.split([len(p[0]) for p in parts])  # (B_train + B_reg, ...) -> two
-        return tuple(self.batch_loss(pred, p[4], p[1]) for pred, p in zip(preds, parts))
+            preds = [self.apply_model(x, t, hybrid_conditioning(text, image)) for x, t, text, image, _ in (train, reg)]
+        return tuple(self.batch_loss(pred, part[4], part[1]) for pred, part in zip(preds, (train, reg)))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """DreamBooth step: ``loss_train + reg_weight · loss_reg`` when the batch is [train, reg] (both logged)."""
