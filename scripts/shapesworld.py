@@ -102,8 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="also edit with the base model and the identifier prompt (its subject fidelity)")
     demo.add_argument("--steps", type=int, default=12, help="sampling steps of every edit and generated pair")
     demo.add_argument("--cfg-text", type=float, default=3.0,
-                      help="text guidance scale (3: at 5 every model changes backgrounds more, docs/shapesworld.md)")
+                      help="text guidance of the edits and regularization pairs (3: at 5 every model changes "
+                           "backgrounds more, docs/shapesworld.md)")
     demo.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale")
+    demo.add_argument("--pairs_cfg_text", type=float, default=1.5,
+                      help="text guidance of the reverse and follow-up edits that make the training pairs (at 3 the "
+                           "base model, which never saw a pattern, paints a striped star's stand-in circle 1.17x its "
+                           "radius, at 1.5 1.10x; docs/shapesworld.md)")
     demo.add_argument("--seed", type=int, default=0, help="world, pair generation, training and editing seed")
     demo.add_argument("--grid_rows", type=int, default=2, help="held-out examples per subject shown in grid.png")
     return parser.parse_args(argv)
@@ -216,6 +221,12 @@ class Progress:
         run_step(f"[{self.done}/{self.total} {elapsed // 60}:{elapsed % 60:02d}] {title}", tool, argv, self.timings)
 
 
+def with_text_guidance(sample: list[str], cfg_text: float) -> list[str]:
+    """``sample`` (edit_cli / generate_dataset sampling flags) with ``--cfg-text`` set to ``cfg_text``."""
+    index = sample.index("--cfg-text") + 1
+    return [*sample[:index], str(cfg_text), *sample[index + 1:]]
+
+
 def demo(args: argparse.Namespace) -> int:
     """The main job: world → pairs → fine-tunes → held-out edits → metrics, pictures and report, per subject."""
     if args.out is None:
@@ -252,7 +263,8 @@ def demo(args: argparse.Namespace) -> int:
             "--samples_per_image", str(args.samples_per_image), "--output", str(data / "training"),
             *(x for colour in args.variants for x in ("--vary_template", f"make the {SOURCE_WORD} {colour}")),
             *paste,
-            "--seed", str(args.seed), "--batch-size", str(args.subject_photos), *words, *sample])
+            "--seed", str(args.seed), "--batch-size", str(args.subject_photos), *words,
+            *with_text_guidance(sample, args.pairs_cfg_text)])
         progress.run(f"{subject.name}: regularization pairs", "scripts/generate_dataset.py", [
             "--mode", "reg", "--reg_source_dir", str(out / "photos" / "circles"),
             "--reg_class_dir", str(out / "photos" / subject.shape), "--num_pairs", str(args.reg_pairs),

@@ -291,8 +291,8 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         f"{args.cfg_text:g}, image guidance {args.cfg_image:g}, seed {args.seed}. Fine-tuning: {args.finetune_steps} "
         f"steps ({args.noreg_steps} for reg_weight=0), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
         f"(subject + regularization pairs), {args.subject_photos} subject photos × {args.samples_per_image} reverse "
-        f"edits × (1 + {len(args.variants)} recoloured: {', '.join(args.variants) or 'none'}), {args.reg_pairs} "
-        f"regularization pairs per subject.", "",
+        f"edits × (1 + {len(args.variants)} recoloured: {', '.join(args.variants) or 'none'}) made at text guidance "
+        f"{args.pairs_cfg_text:g}, {args.reg_pairs} regularization pairs per subject.", "",
         "Mean ± spread (sample standard deviation) over the subjects each model was run on (n):", "",
         "| model | n | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS),

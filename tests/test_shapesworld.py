@@ -223,6 +223,33 @@ def test_the_method_works_in_shapesworld(tmp_path, seed):
         assert (out / picture).stat().st_size > 1000 and f"({picture})" in (out / "report.md").read_text()
 
 
+def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
+    """The README main job end to end at its smallest (one subject, one photo, one step): every stage runs, the
+    report and its pictures are written, and the training pairs are made at --pairs_cfg_text while the
+    regularization pairs and the edits use --cfg-text (the reverse edit sizes the subject's stand-in better at low
+    guidance, docs/shapesworld.md)."""
+    from scripts.shapesworld import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--subjects", "1", "--noreg_subjects", "0", "--subject_photos", "1",
+                 "--variants", "white", "--reg_photos", "1", "--reg_pairs", "1", "--heldout", "1",
+                 "--finetune_steps", "1", "--steps", "1", "--grid_rows", "1", "--cfg-text", "2.5",
+                 "--pairs_cfg_text", "1.25", "--seed", "3"]) == 0
+    data = out / "data" / "striped_star"
+    rows = {part: [json.loads(line) for line in (data / part / "pairs.jsonl").read_text().splitlines()]
+            for part in ("training", "regularization")}
+    assert [(r["cfg_text"], r.get("follow_up_instruction")) for r in rows["training"]] == [
+        (1.25, None), (1.25, "make the circle white")]
+    assert [r["cfg_text"] for r in rows["regularization"]] == [2.5]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["pairs_cfg_text"] == 1.25
+    assert set(metrics["table"]) == {"base", "finetuned_reg"}
+    report = (out / "report.md").read_text()
+    assert "text guidance 2.5" in report and "made at text guidance 1.25" in report
+    for picture in ("grid.png", "pairs.png", "losses.png", "metrics.png"):
+        assert (out / picture).stat().st_size > 1000 and f"({picture})" in report
+
+
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_regularization_photos_cover_every_colour(tmp_path, seed):
     """The prior is held for the colours it is shown: the demo's real circles and class photos cycle through all six
@@ -282,7 +309,8 @@ def test_report_carries_the_learned_metrics_section(tmp_path):
 
     learned = {"real": False, "models": ["random weights (seed 0)"] * 2,
                "table": {"base/class": {m: 0.5 for m in report.LEARNED_METRICS}}}
-    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, seed=0, finetune_steps=1, noreg_steps=1, variants=["white"], lr=1e-4,
+    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, pairs_cfg_text=1.5, seed=0, finetune_steps=1,
+                              noreg_steps=1, variants=["white"], lr=1e-4,
                               batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1)
     text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()
