@@ -217,7 +217,7 @@ def test_the_method_works_in_shapesworld(tmp_path, seed):
         for metric, (op, bound) in targets.items():
             mean = table[model][metric]["mean"]
             if not (mean <= bound if op == "<=" else mean >= bound):
-                missed.append(f"{model} {metric} {mean:.3f} (target {op} {bound})")
+                missed.append(f"{model} {metric} {mean:.4f} (target {op} {bound})")
     assert not missed, "; ".join(missed)
     for picture in ("grid.png", "pairs.png", "losses.png", "metrics.png"):
         assert (out / picture).stat().st_size > 1000 and f"({picture})" in (out / "report.md").read_text()
