@@ -221,10 +221,10 @@ class Progress:
         run_step(f"[{self.done}/{self.total} {elapsed // 60}:{elapsed % 60:02d}] {title}", tool, argv, self.timings)
 
 
-def with_text_guidance(sample: list[str], cfg_text: float) -> list[str]:
-    """``sample`` (edit_cli / generate_dataset sampling flags) with ``--cfg-text`` set to ``cfg_text``."""
-    index = sample.index("--cfg-text") + 1
-    return [*sample[:index], str(cfg_text), *sample[index + 1:]]
+def sampling_flags(args: argparse.Namespace, base: Path, cfg_text: float) -> list[str]:
+    """edit_cli / generate_dataset flags of the base model ``base`` sampled at text guidance ``cfg_text``."""
+    return ["--ckpt", str(base), "--config", str(BASE_CONFIG), "--steps", str(args.steps), "--resolution", "64",
+            "--cfg-text", str(cfg_text), "--cfg-image", str(args.cfg_image), "--device", "cpu", "--quiet"]
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -249,8 +249,7 @@ def demo(args: argparse.Namespace) -> int:
     progress = Progress(sum(2 + len(runs[s.slug]) + len(edits[s.slug]) for s in subjects))
     logger.info("ShapesWorld demo: %d subjects, %d fine-tunes, %d edit runs → %s", len(subjects),
                 sum(map(len, runs.values())), sum(map(len, edits.values())), out)
-    sample = ["--ckpt", str(base), "--config", str(BASE_CONFIG), "--steps", str(args.steps), "--resolution", "64",
-              "--cfg-text", str(args.cfg_text), "--cfg-image", str(args.cfg_image), "--device", "cpu", "--quiet"]
+    sample = sampling_flags(args, base, args.cfg_text)
     paste = ["--paste_back", str(args.paste_back)] if args.paste_back else []
     per_subject: dict[str, dict[str, dict[str, float]]] = {}
     per_image: dict[str, dict] = {}
@@ -264,7 +263,7 @@ def demo(args: argparse.Namespace) -> int:
             *(x for colour in args.variants for x in ("--vary_template", f"make the {SOURCE_WORD} {colour}")),
             *paste,
             "--seed", str(args.seed), "--batch-size", str(args.subject_photos), *words,
-            *with_text_guidance(sample, args.pairs_cfg_text)])
+            *sampling_flags(args, base, args.pairs_cfg_text)])
         progress.run(f"{subject.name}: regularization pairs", "scripts/generate_dataset.py", [
             "--mode", "reg", "--reg_source_dir", str(out / "photos" / "circles"),
             "--reg_class_dir", str(out / "photos" / subject.shape), "--num_pairs", str(args.reg_pairs),
