@@ -28,6 +28,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,31 @@ def tokenizer_source(config, override: str | None) -> str:
     return str(override or params.get("tokenizer") or params.get("version") or default)
 
 
+@contextmanager
+def library_progress_bars(shown: bool) -> Iterator[None]:
+    """transformers' and diffusers' own progress bars ("Writing model shards" on save) on or off inside the block,
+    as they were after it."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (transformers_logging, diffusers_logging)
+    before = [library.is_progress_bar_enabled() for library in libraries]
+
+    def show(library: ModuleType, enabled: bool) -> None:
+        if enabled:
+            library.enable_progress_bar()
+        else:
+            library.disable_progress_bar()
+
+    for library in libraries:
+        show(library, shown)
+    try:
+        yield
+    finally:
+        for library, enabled in zip(libraries, before):
+            show(library, enabled)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from omegaconf import OmegaConf
@@ -123,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     check_convertible(config)
     import_diffusers()
     source = tokenizer_source(config, args.tokenizer)
-    with folder_written_atomically(out) as tmp:
+    with library_progress_bars(shown=not args.quiet), folder_written_atomically(out) as tmp:
         # The tokenizer first (a missing one fails fast), saved where the model then loads it from: the folder gets
         # the very tokenizer the converted text encoder was used with.
         try:

@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         cells = [job for job in jobs if job.source == source]
         ncols = len(set(job.cfg_image for job in cells))
         grid = labelled_grid([results[j] for j in cells], ncols, [f"T {j.cfg_text:g} I {j.cfg_image:g}" for j in cells])
-        save_image(grid, grid_path, {**metadata_base, "cfg_text": args.cfg_text, "cfg_image": args.cfg_image})
+        save_image(grid, grid_path, {**metadata_base, "cfg_text": args.cfg_text, "cfg_image": args.cfg_image,
+                                     "input": source.name})
     for job in jobs:
         print(job.output)
     for grid_path in grids.values():

@@ -163,7 +163,8 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path):
     assert _snapshot(out) == before  # a failed conversion leaves the old folder as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt", "half"]
 
-    assert _convert("--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--out", str(out), "--overwrite") == 0
+    quiet = _cli("--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--out", str(out), "--overwrite", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr  # no log lines, no library progress bars
     assert _snapshot(out) != before and (out / "unet" / "config.json").read_bytes() == before["unet/config.json"]
 
 

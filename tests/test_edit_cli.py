@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from ldm.data.transforms import edit_size
+from ldm.image_io import read_metadata
 from scripts.edit_cli import main
 from tests.tiny import REPO, TINY_CONFIG, save_tiny_checkpoint
 
@@ -78,6 +79,8 @@ def test_sweep_writes_every_setting_and_a_labelled_grid(tiny_ckpt, photos, tmp_p
                      "wide_txt7.5_img1.2.png", "wide_txt7.5_img1.5.png"]
     grid = Image.open(out / "wide_grid.png")
     assert grid.width > 2 * 192 and grid.height > 2 * 128
+    meta = read_metadata(out / "wide_grid.png")
+    assert meta["input"] == "wide.jpg" and meta["cfg_text"] == [3, 7.5] and meta["cfg_image"] == [1.2, 1.5]
     a = np.asarray(Image.open(out / "wide_txt3_img1.2.png"), dtype=np.int16)
     b = np.asarray(Image.open(out / "wide_txt7.5_img1.5.png"), dtype=np.int16)
     assert np.abs(a - b).max() > 0, "different guidance must give different edits"

@@ -302,16 +302,19 @@ def test_learned_metrics_sit_beside_the_ground_truth_ones_with_the_caveat(tmp_pa
     assert "random-weight encoders" in text and "| base model, identifier |" in text
 
 
-def test_report_carries_the_learned_metrics_section(tmp_path):
+@pytest.mark.parametrize("noreg_subjects, says", [(0, "125 steps (no reg_weight=0 run)"),
+                                                   (1, "125 steps (7 for reg_weight=0)")])
+def test_report_carries_the_learned_metrics_section(tmp_path, noreg_subjects, says):
     import argparse
 
     from scripts import shapesworld_report as report
 
     learned = {"real": False, "models": ["random weights (seed 0)"] * 2,
                "table": {"base/class": {m: 0.5 for m in report.LEARNED_METRICS}}}
-    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, pairs_cfg_text=1.5, seed=0, finetune_steps=1,
-                              noreg_steps=1, variants=["white"], lr=1e-4,
-                              batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1)
+    args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, pairs_cfg_text=1.5, seed=0,
+                              finetune_steps=125, noreg_steps=7, noreg_subjects=noreg_subjects, variants=["white"],
+                              lr=1e-4, batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1)
     text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()
     assert "random-weight encoders" in text and "| base model, class | 0.500 |" in text
+    assert says in text
