@@ -112,20 +112,18 @@ def library_progress_bars(shown: bool) -> Iterator[None]:
 
     libraries = (transformers_logging, diffusers_logging)
     before = [library.is_progress_bar_enabled() for library in libraries]
-
-    def show(library: ModuleType, enabled: bool) -> None:
-        if enabled:
-            library.enable_progress_bar()
-        else:
-            library.disable_progress_bar()
-
     for library in libraries:
-        show(library, shown)
+        _show_progress_bars(library, shown)
     try:
         yield
     finally:
         for library, enabled in zip(libraries, before):
-            show(library, enabled)
+            _show_progress_bars(library, enabled)
+
+
+def _show_progress_bars(library: ModuleType, enabled: bool) -> None:
+    """``enable_progress_bar`` / ``disable_progress_bar`` of a transformers- or diffusers-style logging module."""
+    (library.enable_progress_bar if enabled else library.disable_progress_bar)()
 
 
 def run(args: argparse.Namespace) -> int:

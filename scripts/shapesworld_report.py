@@ -283,13 +283,14 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
                  args: argparse.Namespace, learned: dict[str, Any] | None = None) -> Path:
     """``report.md``: the table (mean ± spread over subjects), per-subject numbers, the pictures and the timings."""
     names = ", ".join(f'{s.name} ("sks {s.shape}")' for s in subjects)
+    noreg = f"{args.noreg_steps} for reg_weight=0" if args.noreg_subjects else "no reg_weight=0 run"
     lines = [
         "# ShapesWorld report", "",
         f"Subjects: {names}. Each is edited on the same "
         f"{args.heldout} held-out circles with the identifier prompt \"replace the circle with a sks <class>\" and "
         f"the class prompt \"replace the circle with a <class>\"; {args.steps} sampling steps, text guidance "
         f"{args.cfg_text:g}, image guidance {args.cfg_image:g}, seed {args.seed}. Fine-tuning: {args.finetune_steps} "
-        f"steps ({f'{args.noreg_steps} for reg_weight=0' if args.noreg_subjects else 'no reg_weight=0 run'}), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
+        f"steps ({noreg}), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
         f"(subject + regularization pairs), {args.subject_photos} subject photos × {args.samples_per_image} reverse "
         f"edits × (1 + {len(args.variants)} recoloured: {', '.join(args.variants) or 'none'}) made at text guidance "
         f"{args.pairs_cfg_text:g}, {args.reg_pairs} regularization pairs per subject.", "",
