@@ -15,10 +15,10 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw, ImageOps
 from pytorch_lightning.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from ldm import util
-from ldm.data.datamodule import DataModuleFromConfig, TrainWithRegularization, reg_pair_index
+from ldm.data.datamodule import DataModuleFromConfig, TrainWithRegularization, reg_pair_index, worker_start_method
 from ldm.data.personalized_edit import DatasetError, PersonalizedBase
 from ldm.data.transforms import (
     PairWindow,
@@ -459,6 +459,26 @@ def test_datamodule_order_and_augmentation_follow_its_seed_not_the_workers(tmp_p
     assert torch.equal(first, epoch(5, workers=0))
     assert not torch.equal(first, epoch(6, workers=2))
     assert not torch.equal(first, epoch(5, workers=2, number=1))
+
+
+class ParentPid(Dataset):
+    """Each item is the process id of the process that started the worker loading it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        return os.getppid()
+
+
+def test_datamodule_workers_are_not_forked_from_the_training_process(tmp_path: Path) -> None:
+    """Forking a process with threads can deadlock the child (CPython 3.11, python/cpython#112275: a DDP rank hung
+    this way in the test suite); the workers are forked from a fork server instead."""
+    assert worker_start_method() == "forkserver"  # Linux and macOS have one
+    dm = instantiate_from_config(data_config(tmp_path, num_workers=1))
+    assert dm.num_workers == 1
+    parents = {int(pid) for batch in dm._loader(ParentPid(), shuffle=False) for pid in batch}
+    assert len(parents) == 1 and os.getpid() not in parents
 
 
 def test_datamodule_legacy_config_and_missing_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -4,6 +4,7 @@ pairing and seeded workers."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import random
 from functools import partial
@@ -69,6 +70,18 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     np.random.seed(int(state[0]))
 
 
+def worker_start_method() -> str | None:
+    """How DataLoader workers are started: ``forkserver`` where the platform has it, else the platform's default.
+
+    A training process has threads (the DDP process group's, tqdm's monitor, the feeders of persistent loaders), and
+    forking it can leave the child blocked forever on a lock another thread held at that moment: CPython 3.8-3.11
+    deadlock in ``PyOS_AfterFork_Child`` on the interpreter's head lock (python/cpython#112275, seen here as a DDP
+    rank whose worker never started). Workers forked from a fork server, which has no other threads, cannot inherit
+    a held lock.
+    """
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+
+
 def _resolve_num_workers(requested: int | None) -> int:
     """``None`` → min(4, CPUs); requests above the CPU count (the seed's 96) are lowered to it."""
     cpus = os.cpu_count() or 1
@@ -94,8 +107,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
     test and predict batches are plain dicts in order (unless ``shuffle_val_dataloader``/``shuffle_test_loader``).
 
     ``num_workers``: ``None`` → min(4, CPUs); values above the CPU count are lowered to it. Workers are seeded
-    by `seed_worker` and persistent. ``wrap`` and ``use_worker_init_fn`` are accepted for old configs and have no
-    effect (the datasets are map-style torch datasets; workers are always seeded).
+    by `seed_worker`, persistent, and started from a fork server (`worker_start_method`). ``wrap`` and
+    ``use_worker_init_fn`` are accepted for old configs and have no effect (the datasets are map-style torch
+    datasets; workers are always seeded).
 
     Exact resumption (``seed``, from ``main.py --seed``): the training order is a `ResumableSampler` (epoch ``e``'s
     permutation drawn from ``(seed, e)``, split across ranks by the sampler itself, so the Trainer must run with
@@ -193,6 +207,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
             num_workers=workers,
             worker_init_fn=partial(seed_worker, rank=self._rank()) if workers > 0 else None,
             persistent_workers=workers > 0,
+            multiprocessing_context=worker_start_method() if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
 
