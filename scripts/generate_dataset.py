@@ -7,9 +7,14 @@
     # regularization: real wolves → generated dogs and/or generated wolves → real dogs (captions without identifier)
     python scripts/generate_dataset.py --mode reg --reg_source_dir photos/wolves --reg_class_dir photos/dogs \
         --class_word dog --source_word wolf --num_pairs 100 --output data/my_dog/regularization
+    # ... and the paired prior: also every training input (a generated wolf) → a generated dog, one pair each
+    python scripts/generate_dataset.py --mode reg --reg_source_dir photos/wolves --reg_class_dir photos/dogs \
+        --reg_source_pairs data/my_dog/training --class_word dog --source_word wolf --num_pairs 100 \
+        --output data/my_dog/regularization
 
 Pair ``i`` uses photo ``i mod n`` (reg mode alternates source and class photos) and a seed derived from --seed and
-``i``. With --vary_template (train) each generated input also gets follow-up edits ("make the wolf white"), one more
+``i``; --reg_source_pairs adds one pair per training input after the --num_pairs pairs of the photo folders (kind
+``reg_paired``). With --vary_template (train) each generated input also gets follow-up edits ("make the wolf white"), one more
 pair each with the same real target: pairs then come in groups (the plain pair and its variants) sharing a photo and
 seed. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's size rule on the
 photo's full-resolution size), so every pair is aligned. The output folder holds ``NNN_0.png`` (input),
@@ -55,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subject_dir", "--subject-dir", help="train: real photos of the subject (the targets)")
     p.add_argument("--reg_source_dir", "--reg-source-dir", help="reg: real photos of the source class (inputs)")
     p.add_argument("--reg_class_dir", "--reg-class-dir", help="reg: real photos of the class (targets)")
+    p.add_argument("--reg_source_pairs", "--reg-source-pairs", metavar="TRAIN_DIR",
+                   help="reg: after the --num_pairs pairs of the photo folders, one more pair per training pair in "
+                        "TRAIN_DIR (a --mode train output): its generated input edited with the class prompt. The "
+                        "fine-tune then sees every training input with both prompts and must tell the subject from "
+                        "the class by the text alone (the paired prior, docs/shapesworld.md)")
     p.add_argument("--class_word", "--class-word", required=True, help="the subject's class, e.g. dog")
     p.add_argument("--source_word", "--source-word", required=True, help="another class, e.g. wolf")
     p.add_argument("--identifier", default="sks", help="rare token naming the subject (training captions)")
@@ -94,12 +104,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_sampling_args(p, args)
     train = args.mode == "train"
     allowed = {"subject_dir": train, "samples_per_image": train, "vary_template": train,
-               "reg_source_dir": not train, "reg_class_dir": not train, "num_pairs": not train}
+               "reg_source_dir": not train, "reg_class_dir": not train, "reg_source_pairs": not train,
+               "num_pairs": not train}
     stray = [f"--{name}" for name, ok in allowed.items() if not ok and getattr(args, name) is not None]
     if stray:
         p.error(f"--mode {args.mode} does not take {', '.join(stray)}")
-    if not (args.subject_dir if train else args.reg_source_dir or args.reg_class_dir):
-        p.error(f"--mode {args.mode} needs {'--subject_dir' if train else '--reg_source_dir and/or --reg_class_dir'}")
+    if not (args.subject_dir if train else args.reg_source_dir or args.reg_class_dir or args.reg_source_pairs):
+        p.error(f"--mode {args.mode} needs " + ("--subject_dir" if train else
+                                                "--reg_source_dir, --reg_class_dir and/or --reg_source_pairs"))
+    if not train and args.num_pairs is not None and not (args.reg_source_dir or args.reg_class_dir):
+        p.error("--num_pairs counts the pairs of --reg_source_dir/--reg_class_dir photos; --reg_source_pairs alone "
+                "makes one pair per training pair")
     count = "samples_per_image" if train else "num_pairs"
     if getattr(args, count) is None:
         setattr(args, count, 1 if train else 100)
@@ -162,14 +177,30 @@ def find_photos(folder: str, option: str) -> list[Path]:
 
 
 def collect_photos(args: argparse.Namespace) -> list[Photo]:
-    """Train: the subject photos. Reg: source and class photos alternating, so any prefix of pairs mixes both."""
+    """Train: the subject photos. Reg: source and class photos alternating, so any prefix of pairs mixes both, then
+    the inputs of the --reg_source_pairs training pairs (kind ``pair_input``)."""
     if args.mode == "train":
         return [Photo("subject", p) for p in find_photos(args.subject_dir, "--subject_dir")]
     found = {kind: [Photo(kind, p) for p in find_photos(folder, option)] if folder else []
              for kind, folder, option in (("source", args.reg_source_dir, "--reg_source_dir"),
                                           ("class", args.reg_class_dir, "--reg_class_dir"))}
     sources, classes = found["source"], found["class"]
-    return [p for pair in zip(sources, classes) for p in pair] + sources[len(classes):] + classes[len(sources):]
+    photos = [p for pair in zip(sources, classes) for p in pair] + sources[len(classes):] + classes[len(sources):]
+    if args.reg_source_pairs:
+        from ldm.data.personalized_edit import find_pairs
+
+        photos += [Photo("pair_input", pair.input) for pair in find_pairs(args.reg_source_pairs)]
+    return photos
+
+
+def schedule(args: argparse.Namespace, photos: list[Photo]) -> list[Photo]:
+    """The photo of each pair group: train, every photo ``--samples_per_image`` times; reg, ``--num_pairs`` groups
+    cycling the folders' photos, then each training input of --reg_source_pairs once."""
+    if args.mode == "train":
+        return photos * args.samples_per_image
+    real = [p for p in photos if p.kind != "pair_input"]
+    return [real[g % len(real)] for g in range(args.num_pairs if real else 0)] + [
+        p for p in photos if p.kind == "pair_input"]
 
 
 def load_photos(photos: list[Photo], resolution: int, skip_unreadable: bool) -> tuple[list[Photo], dict[Path, Any]]:
@@ -196,27 +227,26 @@ def load_photos(photos: list[Photo], resolution: int, skip_unreadable: bool) -> 
     return readable, images
 
 
-def plan_pairs(args: argparse.Namespace, words: dict[str, str], photos: list[Photo], total: int) -> list[Pair]:
+def plan_pairs(args: argparse.Namespace, words: dict[str, str], groups: list[Photo]) -> list[Pair]:
     """Every pair of the dataset, in index order, from the photos, the seed and the templates alone.
 
-    Group ``g`` (photo ``g mod n``, seed from --seed and ``g``) is one pair, or for a generated input the plain pair
-    and one variant per --vary_template; without variants group and pair index coincide.
+    Group ``g`` (photo ``groups[g]`` of `schedule`, seed from --seed and ``g``) is one pair, or for a generated input
+    the plain pair and one variant per --vary_template; without variants group and pair index coincide.
     """
     forward = fill_template(args.forward_template, "--forward_template", words)
     reverse = fill_template(args.reverse_template, "--reverse_template", words)
     follow_ups = [None] + [fill_template(t, "--vary_template", words) for t in args.vary_template or []]
     pairs: list[Pair] = []
-    group = 0
-    while len(pairs) < total:
-        photo, seed = photos[group % len(photos)], pair_seed(args.seed, group)
-        if photo.kind == "source":  # real source photo (input) → generated class image (target)
-            pairs.append(Pair(len(pairs), photo, seed, "reg_source", forward, forward, "target"))
+    for group, photo in enumerate(groups):
+        seed = pair_seed(args.seed, group)
+        if photo.kind in ("source", "pair_input"):  # real (or training-input) source photo → generated class image
+            kind = "reg_paired" if photo.kind == "pair_input" else "reg_source"
+            pairs.append(Pair(len(pairs), photo, seed, kind, forward, forward, "target"))
         else:  # generated source image (input), and its variants ← real subject / class photo (target)
             kind = "train" if args.mode == "train" else "reg_class"
-            for variant, follow_up in enumerate(follow_ups[: total - len(pairs)]):
+            for variant, follow_up in enumerate(follow_ups):
                 pairs.append(Pair(len(pairs), photo, seed, kind, reverse, forward, "input", follow_up,
                                   follow_up_seed(seed, variant) if follow_up else None))
-        group += 1
     return pairs
 
 
@@ -256,8 +286,8 @@ def run(args: argparse.Namespace, on_commit: Callable[[int], None] | None = None
     config, ckpt = Path(args.config), Path(args.ckpt)
     if not (Path(args.output) / SETTINGS).is_file():  # a new folder: fail before creating anything
         require_model_files(config, ckpt)
-    variants = 1 + len(args.vary_template or [])
-    total = len(photos) * args.samples_per_image * variants if args.mode == "train" else args.num_pairs
+    groups = schedule(args, photos)
+    total = len(groups) * (1 + len(args.vary_template or []))  # reg mode has no variants
     recipe = {key: getattr(args, key) for key in RECIPE_KEYS if key not in ("photos", "filter")}
     recipe["photos"] = [[p.kind, p.path.name, p.sha256] for p in photos]
     if args.vary_template:  # only when given: folders made before the option resume as before
@@ -274,7 +304,7 @@ def run(args: argparse.Namespace, on_commit: Callable[[int], None] | None = None
         if total > 10**folder.width:
             raise UsageError(f"{total} pairs do not fit the {folder.width}-digit names of {folder.path}; "
                              "use a new --output folder")
-        plan = plan_pairs(args, words, photos, total)
+        plan = plan_pairs(args, words, groups)
         done = folder.recover(plan)
         pending = [pair for pair in plan if pair.index not in done]
         logger.info("%s: %d pairs planned, %d there, %d to generate", folder.path, total, len(done), len(pending))

@@ -87,7 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--reg_photos", type=int, default=6,
                       help="real circles and real class instances (each), their colours cycling through the "
                            "world's six")
-    demo.add_argument("--reg_pairs", type=int, default=12, help="regularization pairs per subject")
+    demo.add_argument("--reg_pairs", type=int, default=12,
+                      help="regularization pairs per subject from the real circles and class photos")
+    demo.add_argument("--paired_prior", action=argparse.BooleanOptionalAction, default=True,
+                      help="also every training input edited with the class prompt as a regularization pair "
+                           "(generate_dataset.py --reg_source_pairs), so that 'sks' is told from the class by the "
+                           "text alone (without it the identifier was lost on some input colours, docs/shapesworld.md)")
     demo.add_argument("--paste_back", type=float, default=0.08,
                       help="generate_dataset.py --paste_back of every pair (the real photo kept wherever the edit "
                            "changed it by less than this); 0 for none")
@@ -264,11 +269,12 @@ def demo(args: argparse.Namespace) -> int:
             *paste,
             "--seed", str(args.seed), "--batch-size", str(args.subject_photos), *words,
             *sampling_flags(args, base, args.pairs_cfg_text)])
+        paired = ["--reg_source_pairs", str(data / "training")] if args.paired_prior else []
         progress.run(f"{subject.name}: regularization pairs", "scripts/generate_dataset.py", [
             "--mode", "reg", "--reg_source_dir", str(out / "photos" / "circles"),
-            "--reg_class_dir", str(out / "photos" / subject.shape), "--num_pairs", str(args.reg_pairs),
-            "--output", str(data / "regularization"), "--seed", str(args.seed + 1),
-            "--batch-size", str(args.reg_pairs), *paste, *words, *sample])
+            "--reg_class_dir", str(out / "photos" / subject.shape), *paired,
+            "--num_pairs", str(args.reg_pairs), "--output", str(data / "regularization"),
+            "--seed", str(args.seed + 1), "--batch-size", str(args.reg_pairs), *paste, *words, *sample])
         checkpoints = {"base": base}
         for model in runs[subject.slug]:
             name = f"{subject.slug}_{'reg' if model == 'finetuned_reg' else 'noreg'}"

@@ -173,8 +173,9 @@ def make_grid(out: Path, subjects: tuple[Subject, ...], rows: int) -> Path:
 
 
 def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int) -> Path:
-    """Per subject, the first ``count`` training pairs and ``count`` regularization pairs (input | target); a
-    recoloured training input (`generate_dataset.py --vary_template`) is labelled with its colour."""
+    """Per subject, the first ``count`` training pairs and ``count`` regularization pairs (input | target), the last
+    of these a paired-prior pair (a training input edited with the class prompt) where there are any; a recoloured
+    training input (`generate_dataset.py --vary_template`) is labelled with its colour."""
     from ldm.visualization import labelled_grid
 
     cells, labels = [], []
@@ -182,10 +183,13 @@ def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int) -> Pat
         for kind in ("training", "regularization"):
             records = [json.loads(line) for line in
                        (out / "data" / subject.slug / kind / "pairs.jsonl").read_text().splitlines() if line.strip()]
-            for record in records[:count]:
+            shown, paired = records[:count], [r for r in records if r["kind"] == "reg_paired"]
+            if paired and count:
+                shown = records[:count - 1] + paired[:1]
+            for record in shown:
                 folder = out / "data" / subject.slug / kind
                 cells += [upscaled(folder / record["input"]), upscaled(folder / record["target"])]
-                tag = "train" if kind == "training" else "reg"
+                tag = {"train": "train", "reg_paired": "paired reg"}.get(record["kind"], "reg")
                 colour = (record.get("follow_up_instruction") or "").rpartition(" ")[2]  # "make the circle white"
                 labels += [f"{tag} input" + (f": {colour}" if colour else ""), f"{tag} target"]
     path = out / "pairs.png"
@@ -293,7 +297,9 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         f"steps ({noreg}), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
         f"(subject + regularization pairs), {args.subject_photos} subject photos × {args.samples_per_image} reverse "
         f"edits × (1 + {len(args.variants)} recoloured: {', '.join(args.variants) or 'none'}) made at text guidance "
-        f"{args.pairs_cfg_text:g}, {args.reg_pairs} regularization pairs per subject.", "",
+        f"{args.pairs_cfg_text:g}, {args.reg_pairs} regularization pairs per subject from real photos"
+        + (" and one per training pair, its input edited with the class prompt (the paired prior)."
+           if args.paired_prior else "."), "",
         "Mean ± spread (sample standard deviation) over the subjects each model was run on (n):", "",
         "| model | n | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS),

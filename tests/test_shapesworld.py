@@ -227,7 +227,9 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     """The README main job end to end at its smallest (one subject, one photo, one step): every stage runs, the
     report and its pictures are written, and the training pairs are made at --pairs_cfg_text while the
     regularization pairs and the edits use --cfg-text (the reverse edit sizes the subject's stand-in better at low
-    guidance, docs/shapesworld.md)."""
+    guidance, docs/shapesworld.md); the regularization pairs include the paired prior."""
+    from PIL import Image
+
     from scripts.shapesworld import main
 
     out = tmp_path / "demo"
@@ -240,12 +242,19 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
             for part in ("training", "regularization")}
     assert [(r["cfg_text"], r.get("follow_up_instruction")) for r in rows["training"]] == [
         (1.25, None), (1.25, "make the circle white")]
-    assert [r["cfg_text"] for r in rows["regularization"]] == [2.5]
+    # One pair of the real photos (--reg_pairs 1), then the paired prior: each training input, unchanged, edited
+    # with the class prompt.
+    assert [(r["kind"], r["cfg_text"]) for r in rows["regularization"]] == [
+        ("reg_source", 2.5), ("reg_paired", 2.5), ("reg_paired", 2.5)]
+    for paired, trained in zip(rows["regularization"][1:], rows["training"]):
+        assert paired["instruction"] == "replace the circle with a star"
+        assert (np.asarray(Image.open(data / "regularization" / paired["input"]))
+                == np.asarray(Image.open(data / "training" / trained["input"]))).all()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["pairs_cfg_text"] == 1.25
     assert set(metrics["table"]) == {"base", "finetuned_reg"}
     report = (out / "report.md").read_text()
-    assert "text guidance 2.5" in report and "made at text guidance 1.25" in report
+    assert "text guidance 2.5" in report and "made at text guidance 1.25" in report and "the paired prior" in report
     for picture in ("grid.png", "pairs.png", "losses.png", "metrics.png"):
         assert (out / picture).stat().st_size > 1000 and f"({picture})" in report
 
@@ -313,7 +322,8 @@ def test_report_carries_the_learned_metrics_section(tmp_path, noreg_subjects, sa
                "table": {"base/class": {m: 0.5 for m in report.LEARNED_METRICS}}}
     args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, pairs_cfg_text=1.5, seed=0,
                               finetune_steps=125, noreg_steps=7, noreg_subjects=noreg_subjects, variants=["white"],
-                              lr=1e-4, batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1)
+                              lr=1e-4, batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1,
+                              paired_prior=False)
     text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()
     assert "random-weight encoders" in text and "| base model, class | 0.500 |" in text

@@ -117,6 +117,26 @@ def _read_manifest(root: Path, manifest: Path) -> tuple[list[EditPair], list[str
     return pairs, problems
 
 
+def _find(root: Path) -> tuple[list[EditPair], list[str]]:
+    """The pairs of a folder, in order (its ``pairs.jsonl`` manifest, else its ``NN_0`` / ``NN_1`` files), and the
+    problems found; the image files are not opened."""
+    if not root.is_dir():
+        return [], [f"{root}: data_root does not exist or is not a folder"]
+    manifest = root / MANIFEST_NAME
+    pairs, problems = _read_manifest(root, manifest) if manifest.is_file() else _scan_folder(root)
+    if not pairs and not problems:
+        problems.append(f"{root}: no image pairs found (expected <prefix>_0.<ext> / <prefix>_1.<ext> or {MANIFEST_NAME})")
+    return pairs, problems
+
+
+def find_pairs(data_root: str | os.PathLike[str]) -> list[EditPair]:
+    """The pairs of a folder in order, as `PersonalizedBase` reads them; one `DatasetError` lists every problem."""
+    pairs, problems = _find(Path(data_root))
+    if problems:
+        raise DatasetError(data_root, problems)
+    return pairs
+
+
 class PersonalizedBase(Dataset):
     """Input/target editing pairs of one folder with a DreamBooth caption (seed §4, bugs of §10 fixed).
 
@@ -207,11 +227,7 @@ class PersonalizedBase(Dataset):
 
     def _discover(self) -> tuple[list[EditPair], dict[Path, tuple[int, int]]]:
         """Find the pairs and check every file once; raise one `DatasetError` listing all problems."""
-        root = self.data_root
-        if not root.is_dir():
-            raise DatasetError(root, [f"{root}: data_root does not exist or is not a folder"])
-        manifest = root / MANIFEST_NAME
-        pairs, problems = _read_manifest(root, manifest) if manifest.is_file() else _scan_folder(root)
+        pairs, problems = _find(self.data_root)
         files = list(dict.fromkeys(path for pair in pairs for path in (pair.input, pair.target)))
         sizes: dict[Path, tuple[int, int]] = {}
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:
@@ -224,12 +240,8 @@ class PersonalizedBase(Dataset):
                     )
                 else:
                     sizes[path] = result
-        if not pairs and not problems:
-            problems.append(
-                f"{root}: no image pairs found (expected <prefix>_0.<ext> / <prefix>_1.<ext> or {MANIFEST_NAME})"
-            )
         if problems:
-            raise DatasetError(root, problems)
+            raise DatasetError(self.data_root, problems)
         return pairs, sizes
 
     def __len__(self) -> int:
