@@ -4,6 +4,7 @@
 #   MODE=train SUBJECT_DIR=photos/my_dog CLASS_WORD=dog SOURCE_WORD=wolf OUTPUT=data/my_dog/training ./generate_dataset.sh
 #   MODE=reg REG_SOURCE_DIR=photos/wolves REG_CLASS_DIR=photos/dogs NUM_PAIRS=150 \
 #     OUTPUT=data/my_dog/regularization ./generate_dataset.sh --batch-size 8
+#   (add REG_SOURCE_PAIRS=data/my_dog/training for the paired prior: every training input edited into CLASS_WORD)
 # Rerun the same command to resume after an interruption. Run `./generate_dataset.sh --help` for every option.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,7 +17,8 @@ SUBJECT_DIR="${SUBJECT_DIR:-}"                       # train: real photos of the
 SAMPLES_PER_IMAGE="${SAMPLES_PER_IMAGE:-1}"          # train: pairs (seeds) per subject photo
 REG_SOURCE_DIR="${REG_SOURCE_DIR:-}"                 # reg: real photos of SOURCE_WORD (edited into CLASS_WORD)
 REG_CLASS_DIR="${REG_CLASS_DIR:-}"                   # reg: real photos of CLASS_WORD (edited into SOURCE_WORD)
-NUM_PAIRS="${NUM_PAIRS:-100}"                        # reg: number of pairs (100-200 recommended)
+NUM_PAIRS="${NUM_PAIRS:-100}"                        # reg: pairs of the photo folders (100-200 recommended)
+REG_SOURCE_PAIRS="${REG_SOURCE_PAIRS:-}"             # reg: a MODE=train output: its inputs edited into CLASS_WORD too
 if [ "$MODE" = train ]; then DEFAULT_OUTPUT="data/${IDENTIFIER}_${CLASS_WORD}/training"
 else DEFAULT_OUTPUT="data/${IDENTIFIER}_${CLASS_WORD}/regularization"; fi
 OUTPUT="${OUTPUT:-$DEFAULT_OUTPUT}"                  # a new folder, or the folder of a run to resume
@@ -37,8 +39,10 @@ if [ "$MODE" = train ] && [ -z "$SUBJECT_DIR" ] && [[ " $* " != *" --subject_dir
   echo "generate_dataset.sh: set SUBJECT_DIR to the folder of subject photos (e.g. SUBJECT_DIR=photos/my_dog)" >&2
   exit 2
 fi
-if [ "$MODE" = reg ] && [ -z "$REG_SOURCE_DIR$REG_CLASS_DIR" ] && [[ " $* " != *" --reg_"* ]] && ! wants_help "$@"; then
-  echo "generate_dataset.sh: set REG_SOURCE_DIR (photos of $SOURCE_WORD) and/or REG_CLASS_DIR (photos of $CLASS_WORD)" >&2
+if [ "$MODE" = reg ] && [ -z "$REG_SOURCE_DIR$REG_CLASS_DIR$REG_SOURCE_PAIRS" ] && [[ " $* " != *" --reg_"* ]] \
+    && ! wants_help "$@"; then
+  echo "generate_dataset.sh: set REG_SOURCE_DIR (photos of $SOURCE_WORD), REG_CLASS_DIR (photos of $CLASS_WORD)" \
+       "and/or REG_SOURCE_PAIRS (training pairs)" >&2
   exit 2
 fi
 args=(--mode "$MODE" --class_word "$CLASS_WORD" --source_word "$SOURCE_WORD" --identifier "$IDENTIFIER"
@@ -51,6 +55,7 @@ if [ "$MODE" = train ]; then
 else
   [ -n "$REG_SOURCE_DIR" ] && args+=(--reg_source_dir "$REG_SOURCE_DIR")
   [ -n "$REG_CLASS_DIR" ] && args+=(--reg_class_dir "$REG_CLASS_DIR")
-  args+=(--num_pairs "$NUM_PAIRS")
+  [ -n "$REG_SOURCE_PAIRS" ] && args+=(--reg_source_pairs "$REG_SOURCE_PAIRS")
+  if [ -n "$REG_SOURCE_DIR$REG_CLASS_DIR" ]; then args+=(--num_pairs "$NUM_PAIRS"); fi
 fi
 exec "$PYTHON" "$HERE/scripts/generate_dataset.py" "${args[@]}" "$@"

@@ -89,10 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "world's six")
     demo.add_argument("--reg_pairs", type=int, default=12,
                       help="regularization pairs per subject from the real circles and class photos")
-    demo.add_argument("--paired_prior", action=argparse.BooleanOptionalAction, default=True,
+    demo.add_argument("--paired_prior", action="store_true",
                       help="also every training input edited with the class prompt as a regularization pair "
-                           "(generate_dataset.py --reg_source_pairs), so that 'sks' is told from the class by the "
-                           "text alone (without it the identifier was lost on some input colours, docs/shapesworld.md)")
+                           "(generate_dataset.py --reg_source_pairs), so that 'sks' must be told from the class by "
+                           "the text alone; measured on four seeds, no better on average (docs/shapesworld.md)")
     demo.add_argument("--paste_back", type=float, default=0.08,
                       help="generate_dataset.py --paste_back of every pair (the real photo kept wherever the edit "
                            "changed it by less than this); 0 for none")

@@ -227,7 +227,7 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     """The README main job end to end at its smallest (one subject, one photo, one step): every stage runs, the
     report and its pictures are written, and the training pairs are made at --pairs_cfg_text while the
     regularization pairs and the edits use --cfg-text (the reverse edit sizes the subject's stand-in better at low
-    guidance, docs/shapesworld.md); the regularization pairs include the paired prior."""
+    guidance, docs/shapesworld.md); with --paired_prior the regularization pairs include every training input."""
     from PIL import Image
 
     from scripts.shapesworld import main
@@ -236,7 +236,7 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     assert main(["demo", "--out", str(out), "--subjects", "1", "--noreg_subjects", "0", "--subject_photos", "1",
                  "--variants", "white", "--reg_photos", "1", "--reg_pairs", "1", "--heldout", "1",
                  "--finetune_steps", "1", "--steps", "1", "--grid_rows", "1", "--cfg-text", "2.5",
-                 "--pairs_cfg_text", "1.25", "--seed", "3"]) == 0
+                 "--pairs_cfg_text", "1.25", "--seed", "3", "--paired_prior"]) == 0
     data = out / "data" / "striped_star"
     rows = {part: [json.loads(line) for line in (data / part / "pairs.jsonl").read_text().splitlines()]
             for part in ("training", "regularization")}
