@@ -14,14 +14,15 @@
 
 Pair ``i`` uses photo ``i mod n`` (reg mode alternates source and class photos) and a seed derived from --seed and
 ``i``; --reg_source_pairs adds one pair per training input after the --num_pairs pairs of the photo folders (kind
-``reg_paired``). With --vary_template (train) each generated input also gets follow-up edits ("make the wolf white"), one more
-pair each with the same real target: pairs then come in groups (the plain pair and its variants) sharing a photo and
-seed. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's size rule on the
-photo's full-resolution size), so every pair is aligned. The output folder holds ``NNN_0.png`` (input),
+``reg_paired``). With --vary_template (train) each generated input also gets follow-up edits ("make the wolf
+white"), one more pair each with the same real target: pairs then come in groups (the plain pair and its variants)
+sharing a photo and seed. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's
+size rule on the photo's full-resolution size), so every pair is aligned. The output folder holds ``NNN_0.png`` (input),
 ``NNN_1.png`` (target), ``pairs.jsonl`` (one JSON line per pair: files, instructions, seed, guidance, checkpoint
 sha256, source photo, …) and ``generate_dataset.json`` (the settings, checked on every rerun). A rerun resumes where
-a run stopped; a larger --num_pairs / --samples_per_image adds pairs; other changed settings are refused. Unreadable
-photos stop the run, or with --skip-unreadable are skipped and listed.
+a run stopped; a larger --num_pairs / --samples_per_image adds pairs (with --reg_source_pairs a changed --num_pairs
+is refused: use a new folder); other changed settings are refused. Unreadable photos stop the run, or with
+--skip-unreadable are skipped and listed.
 """
 
 from __future__ import annotations

@@ -94,8 +94,9 @@ def test_generate_dataset_sh_errors(files, tmp_path):
                                             "OUTPUT": str(tmp_path / "o2"), "CKPT": str(tmp_path / "no.ckpt"),
                                             "CONFIG": str(TINY_IP2P)})
     assert_user_error(missing, "checkpoint not found")
-    paired = shell("generate_dataset.sh", {"MODE": "reg", "REG_SOURCE_PAIRS": str(empty), "OUTPUT": str(tmp_path / "o3"),
-                                           "CKPT": str(files["ckpt"]), "CONFIG": str(TINY_IP2P)})
+    paired = shell("generate_dataset.sh", {"MODE": "reg", "REG_SOURCE_PAIRS": str(empty),
+                                           "OUTPUT": str(tmp_path / "o3"), "CKPT": str(files["ckpt"]),
+                                           "CONFIG": str(TINY_IP2P)})
     assert_user_error(paired, str(empty), "no image pairs found")
 
 

@@ -159,7 +159,8 @@ def test_regularization_pairs_mix_both_directions(reg_set, photos):
             assert (r["generated"], r["edit_instruction"]) == ("input", "replace the dog with a wolf")
 
 
-def test_paired_prior_edits_every_training_input_with_the_class_prompt(train_set, photos, tiny_ckpt, tmp_path):
+def test_paired_prior_edits_every_training_input_with_the_class_prompt(train_set, photos, tiny_ckpt, tmp_path,
+                                                                       capsys):
     """--reg_source_pairs: after the --num_pairs pairs of the photo folders (the same pairs, pixel for pixel, as
     without it), one pair per training pair whose input is that training input, unchanged, and whose target is its
     edit with the class prompt; the set loads as regularization data."""
@@ -185,6 +186,10 @@ def test_paired_prior_edits_every_training_input_with_the_class_prompt(train_set
     assert len({r["seed"] for r in records}) == len(records)
     reg = personalized_edit.PersonalizedBase(str(output), size=64, repeats=1, placeholder_token="dog", reg=True)
     assert len(reg) == 3 + len(training) and reg[3]["caption"] == "replace the wolf with a dog"
+    # More photo pairs would renumber the paired ones: refused, nothing touched.
+    before = _digest(output)
+    assert main([*argv[:7], "4", *argv[8:], "--output", str(output)]) == 2
+    assert "does not match the plan" in capsys.readouterr().err and _digest(output) == before
 
 
 def test_paired_prior_of_a_folder_without_pairs_is_a_clear_error(photos, tiny_ckpt, tmp_path, capsys):

@@ -125,7 +125,8 @@ def _find(root: Path) -> tuple[list[EditPair], list[str]]:
     manifest = root / MANIFEST_NAME
     pairs, problems = _read_manifest(root, manifest) if manifest.is_file() else _scan_folder(root)
     if not pairs and not problems:
-        problems.append(f"{root}: no image pairs found (expected <prefix>_0.<ext> / <prefix>_1.<ext> or {MANIFEST_NAME})")
+        expected = f"<prefix>_0.<ext> / <prefix>_1.<ext> or {MANIFEST_NAME}"
+        problems.append(f"{root}: no image pairs found (expected {expected})")
     return pairs, problems
 
 
