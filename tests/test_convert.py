@@ -74,6 +74,13 @@ def _edit_ours(model, sampler: str, text_scale: float = 7.5, image_scale: float 
                         steps=STEPS, sampler=sampler, initial_noise=_noise())
 
 
+# Our edit against diffusers' on the same weights and noise, in fp32 after STEPS sampler steps at text guidance up
+# to 7.5 (which multiplies every difference of the UNet outputs): the two libraries sum in different orders, and the
+# order also depends on the CPU's kernels (an AVX2-only 2-core EPYC gave 1.1e-4 for the x0 model; earlier sessions'
+# faster machine stayed under 1e-4). Other weights are off by more than 1e-3 (the EMA and LoRA checks below).
+PARITY = 2e-4
+
+
 def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
     assert ours.shape == reference.shape
     return float((ours - reference).abs().max() / reference.abs().max())
@@ -86,7 +93,7 @@ def test_from_pretrained_edits_like_our_model(converted, tiny_ckpt):
     assert pipe.unet.config.in_channels == 8 and pipe.vae.config.scaling_factor == 0.18215
     model = load_model(TINY_CONFIG, tiny_ckpt).model  # EMA weights, as the converter's default
     reference, ours = _edit_diffusers(pipe), _edit_ours(model, "euler_ancestral")
-    assert _relative(ours, reference) <= 1e-4
+    assert _relative(ours, reference) <= PARITY
     with torch.no_grad():
         pixels = pipe.vae.decode(reference / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
     assert (pixels - decode_to_images(model, reference)).abs().max() <= 1e-4
@@ -109,7 +116,7 @@ def test_lora_merged_before_converting(tiny_ckpt, tmp_path):
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # our deterministic "euler"
     model = load_model(TINY_CONFIG, tiny_ckpt, ema=False, loras=[(lora, 0.7)]).model
     reference, ours = _edit_diffusers(pipe, 3.0, 2.2), _edit_ours(model, "euler", 3.0, 2.2)
-    assert _relative(ours, reference) <= 1e-4
+    assert _relative(ours, reference) <= PARITY
     plain = load_model(TINY_CONFIG, tiny_ckpt, ema=False).model
     assert _relative(_edit_ours(plain, "euler", 3.0, 2.2), ours) > 1e-3  # the LoRA mattered
 
@@ -125,7 +132,7 @@ def test_x0_model_gets_a_sample_predicting_euler_scheduler(tmp_path):
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert pipe.scheduler.config.prediction_type == "sample" and pipe.vae.config.scaling_factor == 1.0
     reference, ours = _edit_diffusers(pipe), _edit_ours(load_model(config, ckpt).model, "euler")
-    assert _relative(ours, reference) <= 1e-4
+    assert _relative(ours, reference) <= PARITY
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
