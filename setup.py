@@ -31,6 +31,7 @@ CONVERT_REQUIRES = [
 TEST_REQUIRES = CONVERT_REQUIRES + [
     "scikit-image==0.26.0",
     "pytest==9.2.0",
+    "pytest-xdist==3.8.0",  # the test tier on every core (tests/run_tests.sh), one thread per worker
     "playwright==1.65.2",
 ]
 
