@@ -48,7 +48,10 @@ class DDPM(pl.LightningModule):
         train_seed: the run's seed (``main.py --seed``); noise and timesteps derive from (seed, rank, step).
         channels_last: keep the UNet's weights in channels-last (NHWC) memory order, so convolutions run in it; the
             state dict is unchanged. On a 2-core CPU a ShapesWorld fine-tuning step is 4% faster with it
-            (bench/bench_cpu_step.py, bench/RESULTS.md); off by default (not measured on GPUs).
+            (bench/bench_cpu_step.py, bench/RESULTS.md); off by default (not measured on GPUs). Known torch bug
+            (2.13, CPU): GroupNorm's backward crashes with a segmentation fault when its channels-last input needs no
+            gradient but its own weights do, i.e. when the UNet's first blocks are frozen and a later block trains.
+            The training modes here (the whole UNet, LoRA adapters, the text encoder alone) never meet that case.
     """
 
     def __init__(
