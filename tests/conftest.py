@@ -34,9 +34,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Files that take longest, run first: tests/run_tests.sh gives each file to one pytest-xdist worker in collection
-# order, and a long file started last is the tier's tail (test_resume.py: 7.7 of the 21.6 minutes of the default tier
-# on one core; test_shapesworld.py holds the slow tier's demo run).
-LONG_FILES = ("test_resume.py", "test_shapesworld.py")
+# order, and a long file started last is the tier's tail (test_resume.py and test_resume_ddp.py: 7.7 of the 21.6
+# minutes of the default tier on one core, apart so that two workers share them; test_shapesworld.py holds the slow
+# tier's demo run).
+LONG_FILES = ("test_resume.py", "test_resume_ddp.py", "test_shapesworld.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
