@@ -5,22 +5,16 @@ file: each takes minutes.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ldm.checkpoint import read_checkpoint
 from tests.test_resume import first_segment, losses, main_py
 
 
-@pytest.fixture(scope="module")
-def first(tmp_path_factory):
-    return first_segment(tmp_path_factory.mktemp("resume_ddp"))
-
-
-def test_ddp_mid_epoch_resume_is_bit_identical(first, tmp_path):
+def test_ddp_mid_epoch_resume_is_bit_identical(tmp_path):
     """Two gloo processes: 5 steps per epoch per rank; stop at step 2, resume to 7 (across the epoch boundary)."""
     logs = tmp_path / "logs"
-    ddp = [*first, "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",
+    ddp = [*first_segment(tmp_path), "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",
            "lightning.modelcheckpoint.params.every_n_train_steps=2"]
     main_py(logs, *ddp, "-t", "-n", "straight", "--max_steps", "7")
     main_py(logs, *ddp, "-t", "-n", "staged", "--max_steps", "2")
