@@ -84,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--variants", type=world_colours, default="white,orange,green,red",
                       help="colours of the follow-up edits of every training input ('make the circle <colour>', "
                            "generate_dataset.py --vary_template), comma-separated; '' for none")
+    demo.add_argument("--recolour_p", type=float, default=0.0,
+                      help="probability that a fine-tune draws a training input with its stand-in circle repainted "
+                           "in a random colour (ldm/data/shapesworld_recolour.py); 0: the inputs as generated. "
+                           "Measured on five seeds at 0.5, no better on average (docs/shapesworld.md)")
     demo.add_argument("--reg_photos", type=int, default=6,
                       help="real circles and real class instances (each), their colours cycling through the "
                            "world's six")
@@ -243,6 +247,8 @@ def demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"base model not found: {args.base} (train one with `python scripts/shapesworld.py base`)")
     if not 1 <= args.subjects <= len(SUBJECTS) or not 0 <= args.noreg_subjects <= args.subjects:
         raise SystemExit(f"--subjects must lie in 1..{len(SUBJECTS)} and --noreg_subjects in 0..--subjects")
+    if not 0.0 <= args.recolour_p <= 1.0:
+        raise SystemExit(f"--recolour_p must lie in [0, 1], got {args.recolour_p}")
     subjects = SUBJECTS[: args.subjects]
     start = time.perf_counter()
     heldout = make_world(out, args, subjects)
@@ -284,7 +290,8 @@ def demo(args: argparse.Namespace) -> int:
                 "--reg_data_root", str(data / "regularization"), "--identifier", IDENTIFIER,
                 "--max_steps", str(args.finetune_steps if model == "finetuned_reg" else args.noreg_steps), *words,
                 f"model.base_learning_rate={args.lr}",
-                f"data.params.batch_size={args.batch}", "lightning.callbacks.image_logger.params.disabled=true",
+                f"data.params.batch_size={args.batch}", f"data.params.train.params.recolour_p={args.recolour_p}",
+                "lightning.callbacks.image_logger.params.disabled=true",
                 *(["model.params.reg_weight=0"] if model == "finetuned_noreg" else [])])
             checkpoints[model] = find_export(out / "logs", name)
             losses[name] = read_losses(checkpoints[model].parent.parent)
@@ -306,7 +313,8 @@ def demo(args: argparse.Namespace) -> int:
         "timings_s": timings,
         "subjects": [asdict(s) for s in subjects], "settings": vars(args)}, indent=1) + "\n")
     make_grid(out, subjects, min(args.grid_rows, args.heldout))
-    make_pairs_grid(out, subjects, min(2, args.subject_photos * args.samples_per_image, args.reg_pairs))
+    make_pairs_grid(out, subjects, min(2, args.subject_photos * args.samples_per_image, args.reg_pairs),
+                    recolour_seed=args.seed if args.recolour_p > 0 else None)
     make_loss_plot(out, losses)
     make_metrics_chart(out, table)
     report = write_report(out, table, per_subject, subjects, timings, args, learned)

@@ -172,26 +172,50 @@ def make_grid(out: Path, subjects: tuple[Subject, ...], rows: int) -> Path:
     return path
 
 
-def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int) -> Path:
+def recoloured_cell(folder: Path, record: dict[str, Any], generator):
+    """The input of a training pair as a fine-tune may draw it: its stand-in in a colour drawn from ``generator`` (a
+    torch.Generator), 2× enlarged."""
+    import torch
+    from PIL import Image
+
+    from ldm.data.shapesworld_recolour import recolour_stand_in
+
+    source, target = (torch.from_numpy(sw.from_pil(Image.open(folder / record[side])).transpose(2, 0, 1).copy())
+                      for side in ("input", "target"))
+    colour = torch.rand(3, generator=generator)
+    image = sw.to_pil(recolour_stand_in(source, target, colour).numpy().transpose(1, 2, 0))
+    return image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST)
+
+
+def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int, recolour_seed: int | None = None) -> Path:
     """Per subject, the first ``count`` training pairs and ``count`` regularization pairs (input | target), the last
     of these a paired-prior pair (a training input edited with the class prompt) where there are any; a recoloured
-    training input (`generate_dataset.py --vary_template`) is labelled with its colour."""
+    training input (`generate_dataset.py --vary_template`) is labelled with its colour. With ``recolour_seed`` (the
+    fine-tunes recolour stand-ins) the last training pair shown is the first one with its stand-in recoloured."""
+    import torch
+
     from ldm.visualization import labelled_grid
 
+    generator = torch.Generator().manual_seed(recolour_seed or 0)
     cells, labels = [], []
     for subject in subjects:
         for kind in ("training", "regularization"):
-            records = [json.loads(line) for line in
-                       (out / "data" / subject.slug / kind / "pairs.jsonl").read_text().splitlines() if line.strip()]
+            folder = out / "data" / subject.slug / kind
+            records = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines() if line.strip()]
             shown, paired = records[:count], [r for r in records if r["kind"] == "reg_paired"]
             if paired and count:
                 shown = records[:count - 1] + paired[:1]
+            recolour = kind == "training" and recolour_seed is not None and count > 0
+            if recolour:
+                shown = records[:count - 1]
             for record in shown:
-                folder = out / "data" / subject.slug / kind
                 cells += [upscaled(folder / record["input"]), upscaled(folder / record["target"])]
                 tag = {"train": "train", "reg_paired": "paired reg"}.get(record["kind"], "reg")
                 colour = (record.get("follow_up_instruction") or "").rpartition(" ")[2]  # "make the circle white"
                 labels += [f"{tag} input" + (f": {colour}" if colour else ""), f"{tag} target"]
+            if recolour:
+                cells += [recoloured_cell(folder, records[0], generator), upscaled(folder / records[0]["target"])]
+                labels += ["recoloured input", "train target"]
     path = out / "pairs.png"
     labelled_grid(cells, 4 * count, labels).save(path)
     return path
@@ -296,8 +320,11 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         f"{args.cfg_text:g}, image guidance {args.cfg_image:g}, seed {args.seed}. Fine-tuning: {args.finetune_steps} "
         f"steps ({noreg}), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
         f"(subject + regularization pairs), {args.subject_photos} subject photos × {args.samples_per_image} reverse "
-        f"edits × (1 + {len(args.variants)} recoloured: {', '.join(args.variants) or 'none'}) made at text guidance "
-        f"{args.pairs_cfg_text:g}, {args.reg_pairs} regularization pairs per subject from real photos"
+        f"edits × (1 + {len(args.variants)} recoloured by the base model: {', '.join(args.variants) or 'none'}) made "
+        f"at text guidance {args.pairs_cfg_text:g}, "
+        + (f"each stand-in recoloured at random with probability {args.recolour_p:g} whenever the fine-tunes draw "
+           "it, " if args.recolour_p > 0 else "")
+        + f"{args.reg_pairs} regularization pairs per subject from real photos"
         + (" and one per training pair, its input edited with the class prompt (the paired prior)."
            if args.paired_prior else "."), "",
         "Mean ± spread (sample standard deviation) over the subjects each model was run on (n):", "",

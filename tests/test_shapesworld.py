@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from ldm.data import shapesworld as sw
@@ -236,7 +237,7 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     assert main(["demo", "--out", str(out), "--subjects", "1", "--noreg_subjects", "0", "--subject_photos", "1",
                  "--variants", "white", "--reg_photos", "1", "--reg_pairs", "1", "--heldout", "1",
                  "--finetune_steps", "1", "--steps", "1", "--grid_rows", "1", "--cfg-text", "2.5",
-                 "--pairs_cfg_text", "1.25", "--seed", "3", "--paired_prior"]) == 0
+                 "--pairs_cfg_text", "1.25", "--seed", "3", "--paired_prior", "--recolour_p", "0.5"]) == 0
     data = out / "data" / "striped_star"
     rows = {part: [json.loads(line) for line in (data / part / "pairs.jsonl").read_text().splitlines()]
             for part in ("training", "regularization")}
@@ -255,6 +256,10 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     assert set(metrics["table"]) == {"base", "finetuned_reg"}
     report = (out / "report.md").read_text()
     assert "text guidance 2.5" in report and "made at text guidance 1.25" in report and "the paired prior" in report
+    assert "recoloured at random with probability 0.5" in report
+    (project,) = (out / "logs").glob("*_striped_star_reg/configs/*-project.yaml")
+    train = OmegaConf.load(project).data.params.train
+    assert train.target.endswith("RecolouredStandIns") and train.params.recolour_p == 0.5
     for picture in ("grid.png", "pairs.png", "losses.png", "metrics.png"):
         assert (out / picture).stat().st_size > 1000 and f"({picture})" in report
 
@@ -323,8 +328,17 @@ def test_report_carries_the_learned_metrics_section(tmp_path, noreg_subjects, sa
     args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, pairs_cfg_text=1.5, seed=0,
                               finetune_steps=125, noreg_steps=7, noreg_subjects=noreg_subjects, variants=["white"],
                               lr=1e-4, batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1,
-                              paired_prior=False)
+                              paired_prior=False, recolour_p=0.5)
     text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()
     assert "random-weight encoders" in text and "| base model, class | 0.500 |" in text
     assert says in text
+
+
+@pytest.mark.parametrize("flags, named", [(["--subjects", "4"], "--subjects"), (["--recolour_p", "1.5"], "--recolour_p")])
+def test_demo_option_errors_name_the_option_before_any_work(tmp_path, flags, named):
+    from scripts.shapesworld import main
+
+    with pytest.raises(SystemExit, match=named):
+        main(["demo", "--out", str(tmp_path / "demo"), *flags])
+    assert not (tmp_path / "demo" / "photos").exists()
