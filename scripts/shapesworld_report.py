@@ -133,11 +133,11 @@ def summarize(per_subject: dict[str, dict[str, dict[str, float]]]) -> dict[str, 
     return table
 
 
-def upscaled(path: Path, factor: int = 2):
-    """An image from ``path``, enlarged ``factor``× with nearest-neighbour (pixels stay visible)."""
+def upscaled(image, factor: int = 2):
+    """An image (a PIL image or a path to one), enlarged ``factor``× with nearest-neighbour (pixels stay visible)."""
     from PIL import Image
 
-    image = Image.open(path).convert("RGB")
+    image = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
@@ -183,8 +183,7 @@ def recoloured_cell(folder: Path, record: dict[str, Any], generator):
     source, target = (torch.from_numpy(sw.from_pil(Image.open(folder / record[side])).transpose(2, 0, 1).copy())
                       for side in ("input", "target"))
     colour = torch.rand(3, generator=generator)
-    image = sw.to_pil(recolour_stand_in(source, target, colour).numpy().transpose(1, 2, 0))
-    return image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST)
+    return upscaled(sw.to_pil(recolour_stand_in(source, target, colour).numpy().transpose(1, 2, 0)))
 
 
 def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int, recolour_seed: int | None = None) -> Path:
