@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16", "bf16"]
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 T = TypeVar("T")
+# Contrast guidance stops below this sigma: in ShapesWorld (12 steps, sigmas 14.6 … 0.53, 0.32, 0.03) the last two
+# steps only exaggerated a learned pattern's contrast (docs/shapesworld.md, "Thirteenth session").
+CONTRAST_MIN_SIGMA = 0.4
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -210,23 +213,39 @@ def edit_latents(
     precision: Precision = "fp32",
     progress: bool = False,
     initial_noise: torch.Tensor | None = None,
+    contrast_prompts: Sequence[str] | None = None,
+    contrast_scales: Sequence[float] | None = None,
+    contrast_min_sigma: float = CONTRAST_MIN_SIGMA,
 ) -> torch.Tensor:
     """Edit ``images`` (B, 3, H, W) in [-1, 1] following ``prompts``; returns the final scaled latents (B, 4, H/8, W/8).
 
     Each sample has its own text/image guidance scale and seed. ``sampler``: ``euler_ancestral`` (InstructPix2Pix's
     own), ``euler`` or ``ddim`` (the CompVis DDIM schedule, see the module docstring). ``initial_noise``
     (B, 4, H/8, W/8), if given, replaces the seeded initial draw (for parity tests).
+
+    ``contrast_prompts`` and ``contrast_scales`` (one each per image; the euler samplers) add contrast guidance
+    (`ldm.models.diffusion.guidance.dual_guidance`) at every step whose sigma is at least ``contrast_min_sigma``:
+    "replace the circle with a sks star" against "replace the circle with a star" amplifies what the identifier
+    adds to the class word. Scales of 0 everywhere leave the three-branch edit unchanged.
     """
     batch = images.shape[0]
     if not (len(prompts) == len(text_scales) == len(image_scales) == len(seeds) == batch):
         raise ValueError("prompts, text_scales, image_scales and seeds need one entry per image")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if (contrast_prompts is None) != (contrast_scales is None):
+        raise ValueError("contrast_prompts and contrast_scales go together")
+    contrast = contrast_prompts is not None and any(scale != 0 for scale in contrast_scales)
+    if contrast_prompts is not None and not len(contrast_prompts) == len(contrast_scales) == batch:
+        raise ValueError("contrast_prompts and contrast_scales need one entry per image")
+    if contrast and sampler == "ddim":
+        raise ValueError("contrast guidance needs the euler or euler_ancestral sampler, not ddim")
     device = images.device
     with autocast_for(device, precision):
         cond_text = model.get_learned_conditioning(list(prompts))  # (B, 77, D)
         null_text = model.get_learned_conditioning([""])  # (1, 77, D)
         image_latent = model.encode_first_stage(images).mode()  # (B, 4, h, w), unscaled as in IP2P
+        contrast_text = model.get_learned_conditioning(list(contrast_prompts)) if contrast else None  # (B, 77, D)
     cond = hybrid_conditioning(cond_text.float(), image_latent.float())
     uncond = null_conditioning(cond, null_text.float())
     latent_shape = image_latent.shape[1:]
@@ -241,6 +260,9 @@ def edit_latents(
     sigmas = denoiser.get_sigmas(steps).to(device)
     z = noise * sigmas[0]
     extra_args = {"cond": cond, "uncond": uncond, "text_cfg_scale": text_scale, "image_cfg_scale": image_scale}
+    if contrast:
+        extra_args.update(contrast_text=contrast_text.float(), contrast_cfg_scale=as_column(contrast_scales),
+                          contrast_min_sigma=contrast_min_sigma)
     kwargs: dict[str, Any] = {"extra_args": extra_args, "disable": not progress}
     if sampler != "euler":
         kwargs["noise_sampler"] = PerSampleNoise(latent_shape, seeds, device, offset=1)  # not the initial draw

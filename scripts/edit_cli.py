@@ -4,10 +4,13 @@
     python scripts/edit_cli.py --input photo.jpg --output out.png --edit "replace the wolf with a sks dog"
     python scripts/edit_cli.py --input photos/ --output edited/ --edit "make it snowy" --seed 42
     python scripts/edit_cli.py --input "photos/*.jpg" --output sweep/ --edit "..." --cfg-text 5 7.5 --cfg-image 1.2 1.5
+    python scripts/edit_cli.py --input photo.jpg --output out.png --edit "replace the wolf with a sks dog" \
+        --contrast "replace the wolf with a dog"
 
 A list of guidance scales edits every image once per (text, image) pair and also writes a labelled grid. Every
 output PNG records its settings (seed included) in a text chunk named ``instruct2dream``. Inputs are never
-overwritten; existing outputs only with --overwrite.
+overwritten; existing outputs only with --overwrite. ``--contrast`` adds contrast guidance: what the instruction asks
+beyond the contrast instruction (the identifier beyond the class word) is amplified by ``--cfg-contrast``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ if str(REPO) not in sys.path:
 from ldm.cli import (HelpFormatter, add_lora_args, add_model_args, add_sampling_args, check_lora_args,  # noqa: E402
                      check_sampling_args, run_cli)
 from ldm.errors import UsageError  # noqa: E402
+
+DEFAULT_CFG_CONTRAST = 2.0  # the scale measured in ShapesWorld (docs/shapesworld.md, "Thirteenth session")
+CONTRAST_MIN_SIGMA = 0.4  # ldm.editing.CONTRAST_MIN_SIGMA, kept here so that --help does not import torch
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edit", required=True, help='the instruction, e.g. "replace the wolf with a sks dog"')
     add_model_args(parser, "model weights (.ckpt or .safetensors, original layout)")
     add_sampling_args(parser, sweep=True, seed=None, seed_help="random seed (default: drawn at random and recorded)")
+    parser.add_argument("--contrast", default=None, metavar="TEXT",
+                        help='contrast instruction, e.g. "replace the wolf with a dog" for a sks dog: adds '
+                             '--cfg-contrast × (prediction for --edit − prediction for TEXT), one more model branch '
+                             'per step (the euler samplers)')
+    parser.add_argument("--cfg-contrast", type=float, default=None,
+                        help=f"contrast guidance scale s_C (needs --contrast; default {DEFAULT_CFG_CONTRAST:g})")
+    parser.add_argument("--contrast-min-sigma", type=float, default=None,
+                        help="no contrast guidance at the steps below this noise level (needs --contrast; default "
+                             f"{CONTRAST_MIN_SIGMA:g}: the last two of 12 steps, where it only exaggerates detail)")
     parser.add_argument("--batch-size", type=int, default=1, help="edits per model call (same-size images only)")
     add_lora_args(parser, "LoRA file (kohya/A1111 layout, e.g. a LoRA run's export/lora.safetensors) merged into "
                   "the weights at load; repeat for several")
@@ -57,7 +72,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_sampling_args(parser, args)
     check_lora_args(parser, args)
+    check_contrast_args(parser, args)
     return args
+
+
+def check_contrast_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--cfg-contrast`` / ``--contrast-min-sigma`` need ``--contrast``, which needs an euler sampler; fill the
+    defaults."""
+    if args.contrast is None:
+        for flag in ("cfg_contrast", "contrast_min_sigma"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag.replace('_', '-')} needs --contrast")
+        return
+    if args.sampler == "ddim":
+        parser.error("--contrast needs --sampler euler_ancestral or euler, not ddim")
+    if args.cfg_contrast is None:
+        args.cfg_contrast = DEFAULT_CFG_CONTRAST
+    if args.contrast_min_sigma is None:
+        args.contrast_min_sigma = CONTRAST_MIN_SIGMA
+    if args.contrast_min_sigma < 0:
+        parser.error(f"--contrast-min-sigma must be at least 0, got {args.contrast_min_sigma}")
 
 
 def plan_jobs(inputs: list[Path], output: str, cfg_text: list[float], cfg_image: list[float]) -> tuple[list[Job], dict]:
@@ -103,6 +137,14 @@ def check_outputs(jobs: list[Job], grids: dict, inputs: list[Path], overwrite: b
         raise UsageError(f"{len(existing)} output file(s) already exist ({shown}); pass --overwrite to replace them")
 
 
+def contrast_args(args: argparse.Namespace, batch: int) -> dict:
+    """`ldm.editing.edit_latents` keyword arguments of ``--contrast`` for a batch of ``batch`` edits."""
+    if args.contrast is None:
+        return {}
+    return {"contrast_prompts": [args.contrast] * batch, "contrast_scales": [args.cfg_contrast] * batch,
+            "contrast_min_sigma": args.contrast_min_sigma}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -137,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
         "edit": args.edit, "seed": seed, "steps": args.steps, "sampler": args.sampler,
         "resolution": args.resolution, "ckpt": loaded.ckpt_path.name, "ema": loaded.used_ema,
     }
+    if args.contrast is not None:
+        metadata_base.update(contrast=args.contrast, cfg_contrast=args.cfg_contrast,
+                             contrast_min_sigma=args.contrast_min_sigma)
     if args.lora:
         metadata_base["lora"] = [{"file": Path(path).name, "scale": scale} for path, scale in zip(args.lora, scales)]
     results: dict[Job, object] = {}
@@ -149,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
                 loaded.model, pixels, [args.edit] * len(batch), [j.cfg_text for j in batch],
                 [j.cfg_image for j in batch], [seed] * len(batch), steps=args.steps, sampler=args.sampler,
                 precision=precision, progress=not args.quiet and len(jobs) == 1,
+                **contrast_args(args, len(batch)),
             )
             for job, x in zip(batch, decode_to_images(loaded.model, latents, precision)):
                 image = tensor_to_image(x)

@@ -316,7 +316,10 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         f"Subjects: {names}. Each is edited on the same "
         f"{args.heldout} held-out circles with the identifier prompt \"replace the circle with a sks <class>\" and "
         f"the class prompt \"replace the circle with a <class>\"; {args.steps} sampling steps, text guidance "
-        f"{args.cfg_text:g}, image guidance {args.cfg_image:g}, seed {args.seed}. Fine-tuning: {args.finetune_steps} "
+        f"{args.cfg_text:g}, image guidance {args.cfg_image:g}"
+        + (f", the identifier prompt with contrast guidance {args.cfg_contrast:g} against the class prompt "
+           "(edit_cli.py --contrast)" if args.cfg_contrast else "")
+        + f", seed {args.seed}. Fine-tuning: {args.finetune_steps} "
         f"steps ({noreg}), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
         f"(subject + regularization pairs), {args.subject_photos} subject photos × {args.samples_per_image} reverse "
         f"edits × (1 + {len(args.variants)} recoloured by the base model: {', '.join(args.variants) or 'none'}) made "

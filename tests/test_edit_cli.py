@@ -181,3 +181,32 @@ def test_tokenizer_flag_reaches_the_text_encoder(config: str) -> None:
     assert prepared.model.params.cond_stage_config.params.tokenizer == "models/clip-tokenizer"
     assert prepared.model.params.use_ema is False
     assert "ckpt_path" not in prepared.model.params
+
+
+def test_contrast_flag_changes_the_edit_and_is_recorded(tiny_ckpt, tmp_path):
+    from ldm.editing import CONTRAST_MIN_SIGMA
+    from scripts import edit_cli
+
+    assert edit_cli.CONTRAST_MIN_SIGMA == CONTRAST_MIN_SIGMA  # --help's default is the library's
+    photo = _write_photo(tmp_path / "in.png", (96, 64))
+    base = ["--input", str(photo), "--edit", "replace the wolf with a sks dog", "--ckpt", str(tiny_ckpt),
+            "--seed", "3", *COMMON]
+    assert main([*base, "--output", str(tmp_path / "plain.png")]) == 0
+    assert main([*base, "--output", str(tmp_path / "contrast.png"), "--contrast", "replace the wolf with a dog",
+                 "--cfg-contrast", "3"]) == 0
+    meta = json.loads(Image.open(tmp_path / "contrast.png").text["instruct2dream"])
+    assert meta["contrast"] == "replace the wolf with a dog" and meta["cfg_contrast"] == 3.0
+    assert meta["contrast_min_sigma"] == CONTRAST_MIN_SIGMA
+    assert "contrast" not in json.loads(Image.open(tmp_path / "plain.png").text["instruct2dream"])
+    plain, contrast = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("plain", "contrast"))
+    assert plain.shape == contrast.shape and np.abs(plain - contrast).max() > 0
+
+
+@pytest.mark.parametrize("flags, message", [(["--cfg-contrast", "2"], "--cfg-contrast needs --contrast"),
+                                            (["--contrast-min-sigma", "1"], "--contrast-min-sigma needs --contrast"),
+                                            (["--contrast", "x", "--sampler", "ddim"], "not ddim"),
+                                            (["--contrast", "x", "--contrast-min-sigma", "-1"], "at least 0")])
+def test_contrast_flag_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input", "a.jpg", "--output", "o", "--edit", "x", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -115,3 +115,38 @@ def test_ddim_is_not_euler():
     assert (ddim - euler).abs().max() > 1e-2 * euler.abs().max()
     assert torch.equal(ddim, run("ddim", 0))
     assert not torch.allclose(ddim, run("ddim", 1))  # the seed draws the initial noise
+
+
+def test_contrast_guidance_reaches_the_model_and_vanishes_where_it_should():
+    """Contrast guidance (``contrast_prompts``): against the edit's own prompt, at scale 0, or only below the
+    smallest sigma it leaves the edit as it was; against another prompt it changes it."""
+    model = build_tiny_model(seed=5, use_ema=False)
+    image = image_to_tensor(_photo(3))[None]
+    args = dict(steps=4, sampler="euler_ancestral")
+    plain = edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], **args)
+
+    def contrasted(contrast: str, scale: float, min_sigma: float = 0.0) -> torch.Tensor:
+        return edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], contrast_prompts=[contrast],
+                            contrast_scales=[scale], contrast_min_sigma=min_sigma, **args)
+
+    assert torch.equal(contrasted("replace the wolf with a dog", 0.0), plain)  # the fourth branch is not run
+    assert torch.equal(contrasted("replace the wolf with a dog", 2.0, min_sigma=1e3), plain)
+    same = contrasted(PROMPT, 2.0)  # d_full - d_contrast = 0 up to batched rounding
+    assert (same - plain).abs().max() <= 1e-5 * plain.abs().max()
+    other = contrasted("replace the wolf with a dog", 2.0)
+    assert (other - plain).abs().max() > 1e-3 * plain.abs().max()
+    late = contrasted("replace the wolf with a dog", 2.0, min_sigma=1.0)  # the low-noise steps without it
+    assert (late - other).abs().max() > 1e-5 * plain.abs().max() and (late - plain).abs().max() > 0
+
+
+def test_contrast_guidance_arguments_are_checked():
+    model = build_tiny_model(seed=5, use_ema=False)
+    image = image_to_tensor(_photo(3))[None]
+    with pytest.raises(ValueError, match="go together"):
+        edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], steps=2, contrast_prompts=["a dog"])
+    with pytest.raises(ValueError, match="one entry per image"):
+        edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], steps=2, contrast_prompts=["a", "b"],
+                     contrast_scales=[1.0, 1.0])
+    with pytest.raises(ValueError, match="not ddim"):
+        edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], steps=2, sampler="ddim", contrast_prompts=["a"],
+                     contrast_scales=[1.0])

@@ -163,3 +163,41 @@ def test_guiding_denoised_outputs_equals_guiding_eps() -> None:
         guided_eps, x, sigmas, extra_args={"cond": cond}, disable=True, generator=torch.Generator().manual_seed(0)
     )
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_contrast_guidance_adds_the_difference_to_the_contrast_prompt() -> None:
+    d_full, d_image, d_uncond = outputs(seed=3)
+    d_contrast = outputs(seed=4)[0]
+    guided = dual_guidance(d_full, d_image, d_uncond, 3.0, 1.5, d_contrast, 2.0)
+    plain = dual_guidance(d_full, d_image, d_uncond, 3.0, 1.5)
+    torch.testing.assert_close(guided, plain + 2.0 * (d_full - d_contrast), rtol=0, atol=1e-13)
+    # Composable Diffusion's form: the prompt at s_T + s_C and the contrast negated at s_C, around the image branch
+    composed = d_uncond + 1.5 * (d_image - d_uncond) + 5.0 * (d_full - d_image) - 2.0 * (d_contrast - d_image)
+    torch.testing.assert_close(guided, composed, rtol=0, atol=1e-13)
+    # weights sum to one: a prediction shared by every branch passes through unchanged (eps or denoised alike)
+    same = torch.full_like(d_full, 0.25)
+    torch.testing.assert_close(dual_guidance(same, same, same, 3.0, 1.5, same, 2.0), same)
+
+
+def test_contrast_branch_batched_and_switched_off_below_min_sigma() -> None:
+    inner = FakeDenoiser()
+    cond = make_cond(2, seed=5)
+    uncond = null_conditioning(cond, torch.randn(1, 7, 8))
+    contrast_text = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(6))
+    z, sigma = torch.randn(2, 4, 3, 5), torch.tensor([0.3, 5.0])
+    scale = torch.tensor([2.0, 1.0]).view(-1, 1, 1, 1)
+    guided = DualCFGDenoiser(inner)(z, sigma, cond=cond, uncond=uncond, text_cfg_scale=3.0, image_cfg_scale=1.5,
+                                    contrast_text=contrast_text, contrast_cfg_scale=scale, contrast_min_sigma=0.4)
+    assert inner.batch_sizes == [8]  # four branches in one call
+    plain = DualCFGDenoiser(inner)(z, sigma, cond=cond, uncond=uncond, text_cfg_scale=3.0, image_cfg_scale=1.5)
+    contrast = {"c_crossattn": [contrast_text], "c_concat": cond["c_concat"]}
+    d_full, d_contrast = inner(z, sigma, cond=cond), inner(z, sigma, cond=contrast)
+    torch.testing.assert_close(guided[0], plain[0])  # sigma 0.3 < 0.4: no contrast term
+    torch.testing.assert_close(guided[1], plain[1] + 1.0 * (d_full[1] - d_contrast[1]))
+
+    inner.batch_sizes.clear()  # every sample below the threshold: the fourth branch is not run at all
+    low = DualCFGDenoiser(inner)(z, sigma * 0.1, cond=cond, uncond=uncond, text_cfg_scale=3.0, image_cfg_scale=1.5,
+                                 contrast_text=contrast_text, contrast_cfg_scale=scale, contrast_min_sigma=0.6)
+    assert inner.batch_sizes == [6]
+    torch.testing.assert_close(low, DualCFGDenoiser(inner)(z, sigma * 0.1, cond=cond, uncond=uncond,
+                                                           text_cfg_scale=3.0, image_cfg_scale=1.5))

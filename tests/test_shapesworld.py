@@ -228,7 +228,8 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     """The README main job end to end at its smallest (one subject, one photo, one step): every stage runs, the
     report and its pictures are written, and the training pairs are made at --pairs_cfg_text while the
     regularization pairs and the edits use --cfg-text (the reverse edit sizes the subject's stand-in better at low
-    guidance, docs/shapesworld.md); with --paired_prior the regularization pairs include every training input."""
+    guidance, docs/shapesworld.md); with --paired_prior the regularization pairs include every training input; the
+    identifier edits (only they) have contrast guidance against the class prompt."""
     from PIL import Image
 
     from scripts.shapesworld import main
@@ -237,7 +238,8 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     assert main(["demo", "--out", str(out), "--subjects", "1", "--noreg_subjects", "0", "--subject_photos", "1",
                  "--variants", "white", "--reg_photos", "1", "--reg_pairs", "1", "--heldout", "1",
                  "--finetune_steps", "1", "--steps", "1", "--grid_rows", "1", "--cfg-text", "2.5",
-                 "--pairs_cfg_text", "1.25", "--seed", "3", "--paired_prior", "--recolour_p", "0.5"]) == 0
+                 "--pairs_cfg_text", "1.25", "--seed", "3", "--paired_prior", "--recolour_p", "0.5",
+                 "--cfg-contrast", "1.5"]) == 0
     data = out / "data" / "striped_star"
     rows = {part: [json.loads(line) for line in (data / part / "pairs.jsonl").read_text().splitlines()]
             for part in ("training", "regularization")}
@@ -257,6 +259,13 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     report = (out / "report.md").read_text()
     assert "text guidance 2.5" in report and "made at text guidance 1.25" in report and "the paired prior" in report
     assert "recoloured at random with probability 0.5" in report
+    assert "the identifier prompt with contrast guidance 1.5 against the class prompt" in report
+    edits = {kind: json.loads(Image.open(out / "edits" / "striped_star" / "finetuned_reg" / kind / "000.png")
+                              .text["instruct2dream"]) for kind in ("identifier", "class")}
+    assert edits["identifier"]["edit"] == "replace the circle with a sks star"
+    assert (edits["identifier"]["contrast"], edits["identifier"]["cfg_contrast"]) == (
+        "replace the circle with a star", 1.5)
+    assert "contrast" not in edits["class"]
     (project,) = (out / "logs").glob("*_striped_star_reg/configs/*-project.yaml")
     train = OmegaConf.load(project).data.params.train
     assert train.target.endswith("RecolouredStandIns") and train.params.recolour_p == 0.5
@@ -328,7 +337,7 @@ def test_report_carries_the_learned_metrics_section(tmp_path, noreg_subjects, sa
     args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, pairs_cfg_text=1.5, seed=0,
                               finetune_steps=125, noreg_steps=7, noreg_subjects=noreg_subjects, variants=["white"],
                               lr=1e-4, batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1,
-                              paired_prior=False, recolour_p=0.5)
+                              paired_prior=False, recolour_p=0.5, cfg_contrast=2.0)
     text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()
     assert "random-weight encoders" in text and "| base model, class | 0.500 |" in text
