@@ -13,6 +13,8 @@ DEFAULT_CKPT = "models/instruct-pix2pix/instruct-pix2pix-00-22000.ckpt"
 DEFAULT_CONFIG = "configs/instruct-pix2pix/generate.yaml"
 SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim")  # ldm.editing.edit_latents (not imported: --help stays fast)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: ldm.editing.resolve_precision
+DEFAULT_CFG_CONTRAST = 2.0  # the s_C chosen in ShapesWorld (docs/shapesworld.md, "Thirteenth session")
+CONTRAST_MIN_SIGMA = 0.4  # ldm.editing.CONTRAST_MIN_SIGMA (not imported: --help stays fast)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

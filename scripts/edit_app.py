@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import (SAMPLER_NAMES, HelpFormatter, add_lora_args, add_model_args, check_lora_args,  # noqa: E402
-                     check_sampling_args, run_cli)
+from ldm.cli import (CONTRAST_MIN_SIGMA, DEFAULT_CFG_CONTRAST, SAMPLER_NAMES, HelpFormatter,  # noqa: E402
+                     add_lora_args, add_model_args, check_lora_args, check_sampling_args, run_cli)
 from ldm.errors import UsageError, UserError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -125,11 +125,15 @@ class Editor:
         cfg_image: list[float],
         sampler: str = "euler_ancestral",
         resolution: int = 512,
+        contrast: str = "",
+        cfg_contrast: float = DEFAULT_CFG_CONTRAST,
         on_tile: Callable[[int, int], None] | None = None,
     ) -> EditResult:
         """Edit ``photo`` once per (text, image) guidance pair, as edit_cli would; raises `UserError` on bad input.
 
         One pair writes ``<stem>_seed<S>.png``; several write one PNG per pair and a labelled grid (shown first).
+        A non-empty ``contrast`` instruction adds contrast guidance of scale ``cfg_contrast`` (edit_cli's
+        ``--contrast`` / ``--cfg-contrast``).
         """
         from ldm.data.transforms import image_to_tensor, tensor_to_image
         from ldm.editing import decode_to_images, edit_latents
@@ -148,6 +152,9 @@ class Editor:
             raise UsageError(f"Resolution must be at least 64, got {resolution}.")
         if not 0 <= seed <= SEED_MAX:
             raise UsageError(f"The seed must be between 0 and {SEED_MAX}, got {seed}.")
+        contrast = contrast.strip()
+        if contrast and sampler == "ddim":
+            raise UsageError("A contrast instruction needs the euler_ancestral or euler sampler, not ddim.")
         combos = list(itertools.product(cfg_text, cfg_image))
         if len(combos) > MAX_SWEEP_TILES:
             raise UsageError(f"A sweep of {len(cfg_text)} × {len(cfg_image)} = {len(combos)} edits is more than "
@@ -164,11 +171,15 @@ class Editor:
         }
         if self.loras:
             metadata["lora"] = [{"file": Path(path).name, "scale": scale} for path, scale in self.loras]
+        contrast_kwargs = {}
+        if contrast:
+            metadata.update(contrast=contrast, cfg_contrast=cfg_contrast, contrast_min_sigma=CONTRAST_MIN_SIGMA)
+            contrast_kwargs = {"contrast_prompts": [contrast], "contrast_scales": [cfg_contrast]}
         pixels = image_to_tensor(image).unsqueeze(0).to(self.device)
         tiles, files = [], []
         for index, (text_scale, image_scale) in enumerate(combos):
             latents = edit_latents(self.loaded.model, pixels, [instruction], [text_scale], [image_scale], [seed],
-                                   steps=steps, sampler=sampler, precision=self.precision)
+                                   steps=steps, sampler=sampler, precision=self.precision, **contrast_kwargs)
             tile = tensor_to_image(decode_to_images(self.loaded.model, latents, self.precision)[0])
             name = f"{source.stem}_seed{seed}" + (f"_txt{text_scale:g}_img{image_scale:g}" if len(combos) > 1 else "")
             files.append(folder / f"{name}.png")
@@ -224,7 +235,8 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
 
     def run(photo: str | None, instruction: str, seed: float | None, randomize: bool, steps: float | None,
             text_scale: float, image_scale: float, sweep: bool, sweep_text: str, sweep_image: str, sampler: str,
-            resolution: float | None, progress: gr.Progress = gr.Progress()) -> tuple[str, int, int, list[str], str]:
+            resolution: float | None, contrast: str, cfg_contrast: float,
+            progress: gr.Progress = gr.Progress()) -> tuple[str, int, int, list[str], str]:
         try:
             if randomize:
                 seed = random.randint(0, SEED_MAX)
@@ -236,6 +248,7 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
             cfg_image = parse_scales(sweep_image, "Image CFG values") if sweep else [float(image_scale)]
             result = editor.edit(photo, instruction, seed=int(seed), steps=int(steps), cfg_text=cfg_text,
                                  cfg_image=cfg_image, sampler=sampler, resolution=int(resolution),
+                                 contrast=contrast or "", cfg_contrast=float(cfg_contrast),
                                  on_tile=lambda done, total: progress(done / total, desc=f"edit {done} of {total}"))
         except UserError as err:
             raise gr.Error(str(err), print_exception=False) from None
@@ -270,6 +283,11 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
                                           elem_id="sampler")
                     resolution = gr.Number(label="Resolution (long side, about)", value=args.resolution, precision=0,
                                            minimum=64, elem_id="resolution")
+                    contrast = gr.Textbox(label="Contrast instruction (optional), e.g. “replace the wolf with a "
+                                                "dog” for a sks dog: amplifies what the instruction asks beyond it",
+                                          elem_id="contrast")
+                    cfg_contrast = gr.Slider(0.0, 10.0, value=DEFAULT_CFG_CONTRAST, step=0.1,
+                                             label="Contrast CFG (s_C)", elem_id="cfg-contrast")
                 button = gr.Button("Edit", variant="primary", elem_id="run")
             with gr.Column():
                 result = gr.Image(label="Result", type="filepath", format="png", interactive=False,
@@ -279,7 +297,7 @@ def build_ui(editor: Editor, args: argparse.Namespace) -> Any:
                 files = gr.File(label="Download (PNG, settings in its metadata)", file_count="multiple",
                                 interactive=False, elem_id="download")
         inputs = [photo, instruction, seed, randomize, steps, text_scale, image_scale, sweep, sweep_text,
-                  sweep_image, sampler, resolution]
+                  sweep_image, sampler, resolution, contrast, cfg_contrast]
         button.click(run, inputs, [result, seed_used, seed, files, status], concurrency_limit=1)
         instruction.submit(run, inputs, [result, seed_used, seed, files, status], concurrency_limit=1)
     return page

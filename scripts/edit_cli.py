@@ -27,12 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.cli import (HelpFormatter, add_lora_args, add_model_args, add_sampling_args, check_lora_args,  # noqa: E402
-                     check_sampling_args, run_cli)
+from ldm.cli import (CONTRAST_MIN_SIGMA, DEFAULT_CFG_CONTRAST, HelpFormatter, add_lora_args,  # noqa: E402
+                     add_model_args, add_sampling_args, check_lora_args, check_sampling_args, run_cli)
 from ldm.errors import UsageError  # noqa: E402
 
-DEFAULT_CFG_CONTRAST = 2.0  # the scale measured in ShapesWorld (docs/shapesworld.md, "Thirteenth session")
-CONTRAST_MIN_SIGMA = 0.4  # ldm.editing.CONTRAST_MIN_SIGMA, kept here so that --help does not import torch
 
 
 @dataclass(frozen=True)

@@ -184,10 +184,10 @@ def test_tokenizer_flag_reaches_the_text_encoder(config: str) -> None:
 
 
 def test_contrast_flag_changes_the_edit_and_is_recorded(tiny_ckpt, tmp_path):
+    from ldm import cli
     from ldm.editing import CONTRAST_MIN_SIGMA
-    from scripts import edit_cli
 
-    assert edit_cli.CONTRAST_MIN_SIGMA == CONTRAST_MIN_SIGMA  # --help's default is the library's
+    assert cli.CONTRAST_MIN_SIGMA == CONTRAST_MIN_SIGMA  # --help's default is the library's
     photo = _write_photo(tmp_path / "in.png", (96, 64))
     base = ["--input", str(photo), "--edit", "replace the wolf with a sks dog", "--ckpt", str(tiny_ckpt),
             "--seed", "3", *COMMON]
