@@ -17,6 +17,17 @@ DEFAULT_CFG_CONTRAST = 2.0  # the s_C chosen in ShapesWorld (docs/shapesworld.md
 CONTRAST_MIN_SIGMA = 0.4  # ldm.editing.CONTRAST_MIN_SIGMA (not imported: --help stays fast)
 
 
+
+def contrast_settings(contrast: str | None, cfg_contrast: float, min_sigma: float, batch: int) -> tuple[dict, dict]:
+    """Contrast guidance of one edit call: (what the PNG metadata records, `ldm.editing.edit_latents` keyword
+    arguments for ``batch`` images); both empty without a contrast instruction."""
+    if not contrast:
+        return {}, {}
+    metadata = {"contrast": contrast, "cfg_contrast": cfg_contrast, "contrast_min_sigma": min_sigma}
+    kwargs = {"contrast_prompts": [contrast] * batch, "contrast_scales": [cfg_contrast] * batch,
+              "contrast_min_sigma": min_sigma}
+    return metadata, kwargs
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` that shows each option's default, except "not given" (None, or the empty list of a repeatable
     flag): there the help itself says what happens."""

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ldm.cli import (CONTRAST_MIN_SIGMA, DEFAULT_CFG_CONTRAST, SAMPLER_NAMES, HelpFormatter,  # noqa: E402
-                     add_lora_args, add_model_args, check_lora_args, check_sampling_args, run_cli)
+                     add_lora_args, add_model_args, check_lora_args, check_sampling_args, contrast_settings, run_cli)
 from ldm.errors import UsageError, UserError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -171,10 +171,8 @@ class Editor:
         }
         if self.loras:
             metadata["lora"] = [{"file": Path(path).name, "scale": scale} for path, scale in self.loras]
-        contrast_kwargs = {}
-        if contrast:
-            metadata.update(contrast=contrast, cfg_contrast=cfg_contrast, contrast_min_sigma=CONTRAST_MIN_SIGMA)
-            contrast_kwargs = {"contrast_prompts": [contrast], "contrast_scales": [cfg_contrast]}
+        contrast_metadata, contrast_kwargs = contrast_settings(contrast, cfg_contrast, CONTRAST_MIN_SIGMA, 1)
+        metadata.update(contrast_metadata)
         pixels = image_to_tensor(image).unsqueeze(0).to(self.device)
         tiles, files = [], []
         for index, (text_scale, image_scale) in enumerate(combos):

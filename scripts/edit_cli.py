@@ -28,9 +28,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ldm.cli import (CONTRAST_MIN_SIGMA, DEFAULT_CFG_CONTRAST, HelpFormatter, add_lora_args,  # noqa: E402
-                     add_model_args, add_sampling_args, check_lora_args, check_sampling_args, run_cli)
+                     add_model_args, add_sampling_args, check_lora_args, check_sampling_args, contrast_settings,
+                     run_cli)
 from ldm.errors import UsageError  # noqa: E402
-
 
 
 @dataclass(frozen=True)
@@ -135,14 +135,6 @@ def check_outputs(jobs: list[Job], grids: dict, inputs: list[Path], overwrite: b
         raise UsageError(f"{len(existing)} output file(s) already exist ({shown}); pass --overwrite to replace them")
 
 
-def contrast_args(args: argparse.Namespace, batch: int) -> dict:
-    """`ldm.editing.edit_latents` keyword arguments of ``--contrast`` for a batch of ``batch`` edits."""
-    if args.contrast is None:
-        return {}
-    return {"contrast_prompts": [args.contrast] * batch, "contrast_scales": [args.cfg_contrast] * batch,
-            "contrast_min_sigma": args.contrast_min_sigma}
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -177,9 +169,7 @@ def run(args: argparse.Namespace) -> int:
         "edit": args.edit, "seed": seed, "steps": args.steps, "sampler": args.sampler,
         "resolution": args.resolution, "ckpt": loaded.ckpt_path.name, "ema": loaded.used_ema,
     }
-    if args.contrast is not None:
-        metadata_base.update(contrast=args.contrast, cfg_contrast=args.cfg_contrast,
-                             contrast_min_sigma=args.contrast_min_sigma)
+    metadata_base.update(contrast_settings(args.contrast, args.cfg_contrast, args.contrast_min_sigma, 0)[0])
     if args.lora:
         metadata_base["lora"] = [{"file": Path(path).name, "scale": scale} for path, scale in zip(args.lora, scales)]
     results: dict[Job, object] = {}
@@ -192,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
                 loaded.model, pixels, [args.edit] * len(batch), [j.cfg_text for j in batch],
                 [j.cfg_image for j in batch], [seed] * len(batch), steps=args.steps, sampler=args.sampler,
                 precision=precision, progress=not args.quiet and len(jobs) == 1,
-                **contrast_args(args, len(batch)),
+                **contrast_settings(args.contrast, args.cfg_contrast, args.contrast_min_sigma, len(batch))[1],
             )
             for job, x in zip(batch, decode_to_images(loaded.model, latents, precision)):
                 image = tensor_to_image(x)
