@@ -223,7 +223,7 @@ def edit_latents(
     own), ``euler`` or ``ddim`` (the CompVis DDIM schedule, see the module docstring). ``initial_noise``
     (B, 4, H/8, W/8), if given, replaces the seeded initial draw (for parity tests).
 
-    ``contrast_prompts`` and ``contrast_scales`` (one each per image; the euler samplers) add contrast guidance
+    ``contrast_prompts`` and ``contrast_scales`` (one each per image; every sampler) add contrast guidance
     (`ldm.models.diffusion.guidance.dual_guidance`) at every step whose sigma is at least ``contrast_min_sigma``:
     "replace the circle with a sks star" against "replace the circle with a star" amplifies what the identifier
     adds to the class word. Scales of 0 everywhere leave the three-branch edit unchanged.
@@ -238,8 +238,6 @@ def edit_latents(
     contrast = contrast_prompts is not None and any(scale != 0 for scale in contrast_scales)
     if contrast_prompts is not None and not len(contrast_prompts) == len(contrast_scales) == batch:
         raise ValueError("contrast_prompts and contrast_scales need one entry per image")
-    if contrast and sampler == "ddim":
-        raise ValueError("contrast guidance needs the euler or euler_ancestral sampler, not ddim")
     device = images.device
     with autocast_for(device, precision):
         cond_text = model.get_learned_conditioning(list(prompts))  # (B, 77, D)
@@ -252,17 +250,19 @@ def edit_latents(
     noise = PerSampleNoise(latent_shape, seeds, device).draw() if initial_noise is None else initial_noise.to(device)
     as_column = lambda values: torch.tensor(values, device=device, dtype=noise.dtype).view(-1, 1, 1, 1)  # noqa: E731
     text_scale, image_scale = as_column(text_scales), as_column(image_scales)  # (B, 1, 1, 1)
+    contrast_args: dict[str, Any] = {}
+    if contrast:
+        contrast_args = {"contrast_text": contrast_text.float(), "contrast_cfg_scale": as_column(contrast_scales),
+                         "contrast_min_sigma": contrast_min_sigma}
     if sampler == "ddim":
         with autocast_for(device, precision):
-            z = _sample_ddim(model, noise, cond, uncond, text_scale, image_scale, steps, progress)
+            z = _sample_ddim(model, noise, cond, uncond, text_scale, image_scale, steps, progress, **contrast_args)
         return z.float()
     denoiser = CompVisDenoiser(model)
     sigmas = denoiser.get_sigmas(steps).to(device)
     z = noise * sigmas[0]
-    extra_args = {"cond": cond, "uncond": uncond, "text_cfg_scale": text_scale, "image_cfg_scale": image_scale}
-    if contrast:
-        extra_args.update(contrast_text=contrast_text.float(), contrast_cfg_scale=as_column(contrast_scales),
-                          contrast_min_sigma=contrast_min_sigma)
+    extra_args = {"cond": cond, "uncond": uncond, "text_cfg_scale": text_scale, "image_cfg_scale": image_scale,
+                  **contrast_args}
     kwargs: dict[str, Any] = {"extra_args": extra_args, "disable": not progress}
     if sampler != "euler":
         kwargs["noise_sampler"] = PerSampleNoise(latent_shape, seeds, device, offset=1)  # not the initial draw
@@ -280,8 +280,12 @@ def _sample_ddim(
     image_scale: torch.Tensor,
     steps: int,
     progress: bool,
+    contrast_text: torch.Tensor | None = None,
+    contrast_cfg_scale: torch.Tensor | float = 0.0,
+    contrast_min_sigma: float = 0.0,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from ``noise`` (B, 4, h, w) with InstructPix2Pix's dual guidance on the eps."""
+    """Deterministic DDIM (eta 0) from ``noise`` (B, 4, h, w) with InstructPix2Pix's dual guidance on the eps (and
+    contrast guidance with ``contrast_text``)."""
     samples, _ = DDIMSampler(model).sample(
         S=steps,
         batch_size=noise.shape[0],
@@ -293,6 +297,9 @@ def _sample_ddim(
         unconditional_guidance_scale=text_scale,
         unconditional_conditioning=uncond,
         image_guidance_scale=image_scale,
+        contrast_conditioning=contrast_text,
+        contrast_guidance_scale=contrast_cfg_scale,
+        contrast_min_sigma=contrast_min_sigma,
     )
     return samples
 

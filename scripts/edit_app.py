@@ -153,8 +153,6 @@ class Editor:
         if not 0 <= seed <= SEED_MAX:
             raise UsageError(f"The seed must be between 0 and {SEED_MAX}, got {seed}.")
         contrast = contrast.strip()
-        if contrast and sampler == "ddim":
-            raise UsageError("A contrast instruction needs the euler_ancestral or euler sampler, not ddim.")
         combos = list(itertools.product(cfg_text, cfg_image))
         if len(combos) > MAX_SWEEP_TILES:
             raise UsageError(f"A sweep of {len(cfg_text)} × {len(cfg_image)} = {len(combos)} edits is more than "

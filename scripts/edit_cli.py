@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contrast", default=None, metavar="TEXT",
                         help='contrast instruction, e.g. "replace the wolf with a dog" for a sks dog: adds '
                              '--cfg-contrast × (prediction for --edit − prediction for TEXT), one more model branch '
-                             'per step (the euler samplers)')
+                             'per step')
     parser.add_argument("--cfg-contrast", type=float, default=None,
                         help=f"contrast guidance scale s_C (needs --contrast; default {DEFAULT_CFG_CONTRAST:g})")
     parser.add_argument("--contrast-min-sigma", type=float, default=None,
@@ -75,15 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_contrast_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--cfg-contrast`` / ``--contrast-min-sigma`` need ``--contrast``, which needs an euler sampler; fill the
-    defaults."""
+    """``--cfg-contrast`` / ``--contrast-min-sigma`` need ``--contrast``; fill the defaults."""
     if args.contrast is None:
         for flag in ("cfg_contrast", "contrast_min_sigma"):
             if getattr(args, flag) is not None:
                 parser.error(f"--{flag.replace('_', '-')} needs --contrast")
         return
-    if args.sampler == "ddim":
-        parser.error("--contrast needs --sampler euler_ancestral or euler, not ddim")
     if args.cfg_contrast is None:
         args.cfg_contrast = DEFAULT_CFG_CONTRAST
     if args.contrast_min_sigma is None:

@@ -255,29 +255,29 @@ def test_cfg_sweep_shows_a_labelled_grid_equal_to_edit_cli(page, photos, tiny_ck
     assert np.array_equal(_pixels(tile), _pixels(cli / "cat_txt7.5_img1.5.png"))
 
 
-def test_contrast_instruction_matches_edit_cli_and_needs_an_euler_sampler(page, photos, tiny_ckpt, tmp_path):
+def test_contrast_instruction_matches_edit_cli_with_each_sampler(page, photos, tiny_ckpt, tmp_path):
     _fill_photo_and_instruction(page, photos / "cat.jpg", "replace the cat with a sks dog")
     page.locator("#randomize input").uncheck()
     page.locator("#seed input").fill("5")
     page.get_by_text("More settings").click()
     page.locator("#contrast textarea").fill("replace the cat with a dog")
-    _run_edit(page)
-    edited = _download(page, 0, tmp_path)
-    meta = _metadata(edited)
-    assert (meta["contrast"], meta["cfg_contrast"], meta["contrast_min_sigma"]) == ("replace the cat with a dog",
-                                                                                   2.0, 0.4)
-    cli_out = tmp_path / "cli.png"
-    assert edit_cli_main(["--input", str(photos / "cat.jpg"), "--output", str(cli_out), "--edit",
-                          "replace the cat with a sks dog", "--contrast", "replace the cat with a dog",
-                          "--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG), "--seed", "5", "--quiet",
-                          *SETTINGS]) == 0
-    assert np.array_equal(_pixels(cli_out), _pixels(edited))
-    assert _metadata(cli_out) == meta
-
-    page.locator("#sampler input").click()
-    page.get_by_role("option", name="ddim").click()
-    page.click("#run")
-    page.locator(".toast-body", has_text="needs the euler_ancestral or euler sampler").wait_for(timeout=EDIT_TIMEOUT)
+    for sampler in ("euler_ancestral", "ddim"):
+        if sampler != "euler_ancestral":
+            page.locator("#sampler input").click()
+            page.get_by_role("option", name=sampler).click()
+        _run_edit(page)
+        folder = tmp_path / sampler
+        edited = _download(page, 0, folder)
+        meta = _metadata(edited)
+        assert (meta["contrast"], meta["cfg_contrast"], meta["contrast_min_sigma"], meta["sampler"]) == (
+            "replace the cat with a dog", 2.0, 0.4, sampler)
+        cli_out = folder / "cli.png"
+        assert edit_cli_main(["--input", str(photos / "cat.jpg"), "--output", str(cli_out), "--edit",
+                              "replace the cat with a sks dog", "--contrast", "replace the cat with a dog",
+                              "--sampler", sampler, "--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG),
+                              "--seed", "5", "--quiet", *SETTINGS]) == 0
+        assert np.array_equal(_pixels(cli_out), _pixels(edited))
+        assert _metadata(cli_out) == meta
 
 
 @pytest.mark.parametrize(

@@ -117,12 +117,13 @@ def test_ddim_is_not_euler():
     assert not torch.allclose(ddim, run("ddim", 1))  # the seed draws the initial noise
 
 
-def test_contrast_guidance_reaches_the_model_and_vanishes_where_it_should():
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "ddim"])
+def test_contrast_guidance_reaches_the_model_and_vanishes_where_it_should(sampler):
     """Contrast guidance (``contrast_prompts``): against the edit's own prompt, at scale 0, or only below the
     smallest sigma it leaves the edit as it was; against another prompt it changes it."""
     model = build_tiny_model(seed=5, use_ema=False)
     image = image_to_tensor(_photo(3))[None]
-    args = dict(steps=4, sampler="euler_ancestral")
+    args = dict(steps=4, sampler=sampler)
     plain = edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], **args)
 
     def contrasted(contrast: str, scale: float, min_sigma: float = 0.0) -> torch.Tensor:
@@ -147,6 +148,25 @@ def test_contrast_guidance_arguments_are_checked():
     with pytest.raises(ValueError, match="one entry per image"):
         edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], steps=2, contrast_prompts=["a", "b"],
                      contrast_scales=[1.0, 1.0])
-    with pytest.raises(ValueError, match="not ddim"):
-        edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], steps=2, sampler="ddim", contrast_prompts=["a"],
-                     contrast_scales=[1.0])
+
+
+def test_ddim_contrast_starts_at_the_sigma_of_its_timestep():
+    """DDIM gates contrast guidance by the k-diffusion sigma of its timestep, sqrt((1 - a_t) / a_t), as the euler
+    samplers do: a threshold just above the first step's sigma never applies it, one just below applies it there."""
+    model = build_tiny_model(seed=5, use_ema=False)
+    image = image_to_tensor(_photo(3))[None]
+    steps = 4
+    first_t = (model.alphas_cumprod.shape[0] // steps) * (steps - 1) + 1  # the last of DDIM's uniform timesteps
+    alpha_bar = model.alphas_cumprod[first_t].double()
+    sigma = float(((1 - alpha_bar) / alpha_bar).sqrt())
+
+    def run(min_sigma: float | None) -> torch.Tensor:
+        contrast = {} if min_sigma is None else dict(contrast_prompts=["replace the wolf with a dog"],
+                                                    contrast_scales=[2.0], contrast_min_sigma=min_sigma)
+        return edit_latents(model, image, [PROMPT], [3.0], [1.5], [7], steps=steps, sampler="ddim", **contrast)
+
+    plain = run(None)
+    assert torch.equal(run(sigma * 1.001), plain)
+    first_only = run(sigma * 0.999)
+    assert (first_only - plain).abs().max() > 1e-4 * plain.abs().max()
+    assert not torch.equal(first_only, run(0.0))  # the later steps are gated off

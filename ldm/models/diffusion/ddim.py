@@ -8,7 +8,7 @@ from typing import Any, Callable, Literal
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.guidance import dual_guided, single_guidance
+from ldm.models.diffusion.guidance import Scale, dual_guided, gate_contrast, single_guidance
 from ldm.models.diffusion.sampling import EpsModel, check_eps_parameterization, standard_normal
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,9 @@ class DDIMSampler:
         unconditional_conditioning: Any = None,
         image_guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
+        contrast_conditioning: torch.Tensor | None = None,
+        contrast_guidance_scale: Scale = 0.0,
+        contrast_min_sigma: float = 0.0,
         **legacy: Any,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Sample ``batch_size`` latents of ``shape`` (C, H, W) in ``S`` DDIM steps; returns (samples, intermediates).
@@ -145,6 +148,10 @@ class DDIMSampler:
         With ``image_guidance_scale`` set, dict conditionings are guided InstructPix2Pix-style
         (:func:`~ldm.models.diffusion.guidance.dual_guidance`, text scale = ``unconditional_guidance_scale``);
         otherwise CompVis classifier-free guidance between ``conditioning`` and ``unconditional_conditioning``.
+        ``contrast_conditioning`` (1 or B, 77, D), with dual guidance only, adds contrast guidance of scale
+        ``contrast_guidance_scale`` at every step whose noise level sqrt((1 - a_t) / a_t) is at least
+        ``contrast_min_sigma`` (:func:`~ldm.models.diffusion.guidance.gate_contrast`; the same sigma as the
+        euler samplers').
         """
         for name, value in legacy.items():
             if name not in _UNSUPPORTED_DEFAULTS:
@@ -170,6 +177,9 @@ class DDIMSampler:
             image_guidance_scale=image_guidance_scale,
             generator=generator,
             verbose=verbose,
+            contrast_conditioning=contrast_conditioning,
+            contrast_guidance_scale=contrast_guidance_scale,
+            contrast_min_sigma=contrast_min_sigma,
         )
 
     @torch.no_grad()
@@ -188,6 +198,9 @@ class DDIMSampler:
         image_guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         verbose: bool = True,
+        contrast_conditioning: torch.Tensor | None = None,
+        contrast_guidance_scale: Scale = 0.0,
+        contrast_min_sigma: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Run the DDIM loop from ``x_T`` (or fresh noise) over ``ddim_timesteps`` in descending order."""
         img = standard_normal(shape, generator, self.device) if x_T is None else x_T
@@ -208,6 +221,9 @@ class DDIMSampler:
                 unconditional_conditioning=unconditional_conditioning,
                 image_guidance_scale=image_guidance_scale,
                 generator=generator,
+                contrast_conditioning=contrast_conditioning,
+                contrast_guidance_scale=contrast_guidance_scale,
+                contrast_min_sigma=contrast_min_sigma,
             )
             if callback is not None:
                 callback(i)
@@ -226,14 +242,24 @@ class DDIMSampler:
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Any = None,
         image_guidance_scale: float | None = None,
+        contrast_conditioning: torch.Tensor | None = None,
+        contrast_guidance_scale: Scale = 0.0,
+        contrast_min_sigma: float = 0.0,
     ) -> torch.Tensor:
-        """Noise prediction with single (text) or dual (text + image) classifier-free guidance."""
+        """Noise prediction with single (text) or dual (text + image) classifier-free guidance, the latter optionally
+        with a contrast prompt while the noise level of ``t`` is at least ``contrast_min_sigma``."""
         apply_model = self.model.apply_model
         if image_guidance_scale is not None:
             if not isinstance(c, dict) or not isinstance(unconditional_conditioning, dict):
                 raise ValueError("image_guidance_scale needs dict conditioning and unconditional_conditioning")
+            alpha_bar = self.model.alphas_cumprod[t]  # (B,)
+            sigma = ((1 - alpha_bar) / alpha_bar).sqrt()  # the k-diffusion sigma of timestep t
+            contrast, contrast_scale = gate_contrast(sigma, contrast_conditioning, contrast_guidance_scale,
+                                                     contrast_min_sigma)
             return dual_guided(apply_model, x, t, c, unconditional_conditioning, unconditional_guidance_scale,
-                               image_guidance_scale)
+                               image_guidance_scale, contrast, contrast_scale)
+        if contrast_conditioning is not None:
+            raise ValueError("contrast_conditioning needs dual guidance (image_guidance_scale)")
         if unconditional_conditioning is None or unconditional_guidance_scale == 1.0:
             return apply_model(x, t, c)
         c_in = _cat_conditioning([unconditional_conditioning, c])
@@ -253,11 +279,15 @@ class DDIMSampler:
         unconditional_conditioning: Any = None,
         image_guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
+        contrast_conditioning: torch.Tensor | None = None,
+        contrast_guidance_scale: Scale = 0.0,
+        contrast_min_sigma: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM step ``x_t -> x_prev`` (Song et al. 2021, Eq. 12); returns ``(x_prev, pred_x0)``."""
         # x: (B, C, H, W); t: (B,) long
         e_t = self.guided_eps(
-            x, c, t, unconditional_guidance_scale, unconditional_conditioning, image_guidance_scale
+            x, c, t, unconditional_guidance_scale, unconditional_conditioning, image_guidance_scale,
+            contrast_conditioning, contrast_guidance_scale, contrast_min_sigma,
         )  # (B, C, H, W)
         a_t = self.ddim_alphas[index]
         a_prev = self.ddim_alphas_prev[index]

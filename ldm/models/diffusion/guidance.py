@@ -116,6 +116,22 @@ def dual_guided(
     return dual_guidance(out_full, out_image_only, out_uncond, text_scale, image_scale, d_contrast, contrast_scale)
 
 
+def gate_contrast(
+    sigma: torch.Tensor, contrast_text: torch.Tensor | None, contrast_scale: Scale, min_sigma: float
+) -> tuple[torch.Tensor | None, Scale]:
+    """The contrast term only for the samples whose noise level ``sigma`` (B,) is at least ``min_sigma``.
+
+    Returns ``(contrast_text, scale)`` with the scale zeroed (B, 1, 1, 1) where ``sigma < min_sigma``, and
+    ``contrast_text`` None when no sample qualifies, so that the fourth branch is not run at all.
+    """
+    if contrast_text is None:
+        return None, contrast_scale
+    active = (sigma >= min_sigma).to(contrast_text.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    if not active.any():
+        return None, contrast_scale
+    return contrast_text, contrast_scale * active
+
+
 class DualCFGDenoiser:
     """Three-way classifier-free guidance around a sigma-space denoiser (InstructPix2Pix ``CFGDenoiser``), four-way
     with a contrast prompt.
@@ -145,10 +161,6 @@ class DualCFGDenoiser:
         only exaggerates the detail) that branch is not run.
         """
         inner = lambda x, s, c: self.inner_model(x, s, cond=c)  # noqa: E731
-        if contrast_text is not None:
-            active = (sigma >= contrast_min_sigma).to(z.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-            if not active.any():
-                contrast_text = None
-            contrast_cfg_scale = contrast_cfg_scale * active
+        contrast_text, contrast_cfg_scale = gate_contrast(sigma, contrast_text, contrast_cfg_scale, contrast_min_sigma)
         return dual_guided(inner, z, sigma, cond, uncond, text_cfg_scale, image_cfg_scale, contrast_text,
                            contrast_cfg_scale)
