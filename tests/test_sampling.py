@@ -410,6 +410,21 @@ def test_ddim_guidance() -> None:
     assert len(model.calls) == 1 and model.calls[0][0].shape[0] == 6
     torch.testing.assert_close(guided, e_u + 7.5 * (e_c - e_i) + 1.5 * (e_i - e_u))
 
+    # contrast guidance: a fourth branch (contrast text, image) and s_C (e_c - e_contrast), per sample by sigma(t)
+    contrast_text = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(4))
+    e_k = model.apply_model(x, t, {"c_concat": cond["c_concat"], "c_crossattn": [contrast_text]})
+    model.calls.clear()
+    guided = sampler.guided_eps(x, cond, t, 7.5, uncond, 1.5, contrast_text, 2.0, contrast_min_sigma=0.0)
+    assert len(model.calls) == 1 and model.calls[0][0].shape[0] == 8
+    torch.testing.assert_close(guided, e_u + 7.5 * (e_c - e_i) + 1.5 * (e_i - e_u) + 2.0 * (e_c - e_k))
+    sigma = ((1 - model.alphas_cumprod[501]) / model.alphas_cumprod[501]).sqrt().item()
+    model.calls.clear()
+    assert torch.equal(sampler.guided_eps(x, cond, t, 7.5, uncond, 1.5, contrast_text, 2.0, sigma * 1.001),
+                       sampler.guided_eps(x, cond, t, 7.5, uncond, 1.5))
+    assert model.calls[0][0].shape[0] == 6  # below the threshold the fourth branch is not run
+    with pytest.raises(ValueError, match="needs dual guidance"):
+        sampler.guided_eps(x, cond, t, 7.5, uncond, None, contrast_text, 2.0)
+
 
 def test_ddim_rejects_unsupported_legacy_arguments() -> None:
     sampler = DDIMSampler(FakeEpsModel())
