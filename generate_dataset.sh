@@ -5,6 +5,8 @@
 #   MODE=reg REG_SOURCE_DIR=photos/wolves REG_CLASS_DIR=photos/dogs NUM_PAIRS=150 \
 #     OUTPUT=data/my_dog/regularization ./generate_dataset.sh --batch-size 8
 #   (add REG_SOURCE_PAIRS=data/my_dog/training for the paired prior: every training input edited into CLASS_WORD)
+#   MODE=train SOURCE_DIR=photos/wolves CKPT=logs/<run>/export/model.safetensors OUTPUT=data/my_dog/labelled \
+#     ./generate_dataset.sh   (labelled pairs: real wolves edited into "sks dog" by a model fine-tuned on the subject)
 # Rerun the same command to resume after an interruption. Run `./generate_dataset.sh --help` for every option.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,7 +16,8 @@ CLASS_WORD="${CLASS_WORD:-dog}"                      # the subject's class
 SOURCE_WORD="${SOURCE_WORD:-wolf}"                   # the other class the edits start from
 IDENTIFIER="${IDENTIFIER:-sks}"                      # rare token naming the subject (training captions only)
 SUBJECT_DIR="${SUBJECT_DIR:-}"                       # train: real photos of the subject
-SAMPLES_PER_IMAGE="${SAMPLES_PER_IMAGE:-1}"          # train: pairs (seeds) per subject photo
+SOURCE_DIR="${SOURCE_DIR:-}"                         # train: real SOURCE_WORD photos to label (CKPT fine-tuned)
+SAMPLES_PER_IMAGE="${SAMPLES_PER_IMAGE:-1}"          # train: pairs (seeds) per photo
 REG_SOURCE_DIR="${REG_SOURCE_DIR:-}"                 # reg: real photos of SOURCE_WORD (edited into CLASS_WORD)
 REG_CLASS_DIR="${REG_CLASS_DIR:-}"                   # reg: real photos of CLASS_WORD (edited into SOURCE_WORD)
 NUM_PAIRS="${NUM_PAIRS:-100}"                        # reg: pairs of the photo folders (100-200 recommended)
@@ -35,8 +38,10 @@ DEVICE="${DEVICE:-auto}"
 PYTHON="${PYTHON:-$( [ -x "$HERE/.venv/bin/python" ] && echo "$HERE/.venv/bin/python" || echo python3 )}"
 
 wants_help() { [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; }
-if [ "$MODE" = train ] && [ -z "$SUBJECT_DIR" ] && [[ " $* " != *" --subject_dir "* ]] && ! wants_help "$@"; then
-  echo "generate_dataset.sh: set SUBJECT_DIR to the folder of subject photos (e.g. SUBJECT_DIR=photos/my_dog)" >&2
+if [ "$MODE" = train ] && [ -z "$SUBJECT_DIR$SOURCE_DIR" ] && [[ " $* " != *" --subject_dir "* ]] \
+    && [[ " $* " != *" --source_dir "* ]] && ! wants_help "$@"; then
+  echo "generate_dataset.sh: set SUBJECT_DIR to the folder of subject photos (e.g. SUBJECT_DIR=photos/my_dog)" \
+       "and/or SOURCE_DIR (photos of $SOURCE_WORD to label with a fine-tuned CKPT)" >&2
   exit 2
 fi
 if [ "$MODE" = reg ] && [ -z "$REG_SOURCE_DIR$REG_CLASS_DIR$REG_SOURCE_PAIRS" ] && [[ " $* " != *" --reg_"* ]] \
@@ -51,6 +56,7 @@ args=(--mode "$MODE" --class_word "$CLASS_WORD" --source_word "$SOURCE_WORD" --i
       --batch-size "$BATCH_SIZE" --device "$DEVICE")
 if [ "$MODE" = train ]; then
   [ -n "$SUBJECT_DIR" ] && args+=(--subject_dir "$SUBJECT_DIR")
+  [ -n "$SOURCE_DIR" ] && args+=(--source_dir "$SOURCE_DIR")
   args+=(--samples_per_image "$SAMPLES_PER_IMAGE")
 else
   [ -n "$REG_SOURCE_DIR" ] && args+=(--reg_source_dir "$REG_SOURCE_DIR")

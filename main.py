@@ -84,7 +84,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="initial weights (.ckpt/.safetensors, original layout), e.g. the InstructPix2Pix checkpoint")
     parser.add_argument("--init_ema", action="store_true",
                         help="start from the EMA UNet weights of --actual_resume instead of its training weights")
-    parser.add_argument("--data_root", type=str, default=None, help="folder of training pairs (also validation)")
+    parser.add_argument("--data_root", type=str, action="append", default=None,
+                        help="folder of training pairs (also validation); repeat it to train on the pairs of several "
+                             "folders, read one after the other")
     parser.add_argument("--reg_data_root", type=str, default=None, help="folder of regularization pairs")
     parser.add_argument("--class_word", type=str, default=None, help="class noun of the subject, e.g. dog")
     parser.add_argument("--identifier", type=str, default=None, help="rare token meaning the subject (default sks)")
@@ -175,16 +177,18 @@ def load_configs(paths: list[str], overrides: list[str]) -> Any:
 def apply_data_flags(config: Any, opt: argparse.Namespace) -> None:
     """Write --data_root, --reg_data_root, --class_word, --identifier, --source_word into the dataset configs."""
     sections = config.get("data", {}).get("params", {})
-    roots = {"train": opt.data_root, "validation": opt.data_root, "reg": opt.reg_data_root}
+    train_roots = opt.data_root[0] if opt.data_root and len(opt.data_root) == 1 else opt.data_root
+    roots = {"train": train_roots, "validation": train_roots, "reg": opt.reg_data_root}
     words = {"placeholder_token": opt.class_word, "identifier": opt.identifier, "source_word": opt.source_word}
+    given = [("--data_root", root) for root in opt.data_root or []] + [("--reg_data_root", opt.reg_data_root)]
+    for flag, folder in given:
+        if folder is not None and not Path(folder).is_dir():
+            raise UsageError(f"{flag} {folder}: no such folder")
     for name in ("train", "reg", "validation"):
         if name not in sections:
             continue
         params = sections[name].setdefault("params", {})
         if roots[name] is not None:
-            if not Path(roots[name]).is_dir():
-                flag = "--reg_data_root" if name == "reg" else "--data_root"
-                raise UsageError(f"{flag} {roots[name]}: no such folder")
             params["data_root"] = roots[name]
         for key, value in words.items():
             if value is not None:
@@ -282,7 +286,7 @@ def resolve_run(opt: argparse.Namespace, overrides: list[str], now: str
         if not opt.base:
             raise UsageError("give at least one config with -b/--base (e.g. configs/dreambooth/train.yaml)")
         name = "_" + opt.name if opt.name else "_" + Path(opt.base[0]).stem
-        prefix = Path(os.path.normpath(opt.data_root)).name if opt.datadir_in_name and opt.data_root else ""
+        prefix = Path(os.path.normpath(opt.data_root[0])).name if opt.datadir_in_name and opt.data_root else ""
         logdir = Path(opt.logdir) / f"{prefix}{now}{name}{opt.postfix}"
         config = load_configs(opt.base, overrides)
         check_something_to_do(opt, config)

@@ -11,9 +11,13 @@
     python scripts/generate_dataset.py --mode reg --reg_source_dir photos/wolves --reg_class_dir photos/dogs \
         --reg_source_pairs data/my_dog/training --class_word dog --source_word wolf --num_pairs 100 \
         --output data/my_dog/regularization
+    # labelled identifier pairs: real wolves edited into "sks dog" by a model already fine-tuned on the subject
+    python scripts/generate_dataset.py --mode train --source_dir photos/wolves --class_word dog --source_word wolf \
+        --ckpt logs/<run>/export/model.safetensors --output data/my_dog/labelled
 
-Pair ``i`` uses photo ``i mod n`` (reg mode alternates source and class photos) and a seed derived from --seed and
-``i``; --reg_source_pairs adds one pair per training input after the --num_pairs pairs of the photo folders (kind
+Pair ``i`` uses photo ``i mod n`` (reg mode alternates source and class photos; train mode takes the subject
+photos, then the --source_dir photos, whose pairs are forward edits with the identifier: kind ``train_source``) and
+a seed derived from --seed and ``i``; --reg_source_pairs adds one pair per training input after the --num_pairs pairs of the photo folders (kind
 ``reg_paired``). With --vary_template (train) each generated input also gets follow-up edits ("make the wolf
 white"), one more pair each with the same real target: pairs then come in groups (the plain pair and its variants)
 sharing a photo and seed. The real photo and its edit share one crop and size (`load_for_edit`: InstructPix2Pix's
@@ -59,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=HelpFormatter)
     p.add_argument("--mode", choices=("train", "reg"), required=True, help="training or regularization pairs")
     p.add_argument("--subject_dir", "--subject-dir", help="train: real photos of the subject (the targets)")
+    p.add_argument("--source_dir", "--source-dir",
+                   help="train: real photos of the source class (inputs), each edited forward with the identifier "
+                        "caption by --ckpt (the target). With a model already fine-tuned on the subject (e.g. with "
+                        "reg_weight=0) this labels real source photos with the subject, so that a second fine-tune "
+                        "sees the identifier on real inputs too (the labelled pairs, docs/shapesworld.md)")
     p.add_argument("--reg_source_dir", "--reg-source-dir", help="reg: real photos of the source class (inputs)")
     p.add_argument("--reg_class_dir", "--reg-class-dir", help="reg: real photos of the class (targets)")
     p.add_argument("--reg_source_pairs", "--reg-source-pairs", metavar="TRAIN_DIR",
@@ -104,14 +113,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_sampling_args(p, args)
     train = args.mode == "train"
-    allowed = {"subject_dir": train, "samples_per_image": train, "vary_template": train,
+    allowed = {"subject_dir": train, "source_dir": train, "samples_per_image": train, "vary_template": train,
                "reg_source_dir": not train, "reg_class_dir": not train, "reg_source_pairs": not train,
                "num_pairs": not train}
     stray = [f"--{name}" for name, ok in allowed.items() if not ok and getattr(args, name) is not None]
     if stray:
         p.error(f"--mode {args.mode} does not take {', '.join(stray)}")
-    if not (args.subject_dir if train else args.reg_source_dir or args.reg_class_dir or args.reg_source_pairs):
-        p.error(f"--mode {args.mode} needs " + ("--subject_dir" if train else
+    if not (args.subject_dir or args.source_dir if train
+            else args.reg_source_dir or args.reg_class_dir or args.reg_source_pairs):
+        p.error(f"--mode {args.mode} needs " + ("--subject_dir and/or --source_dir" if train else
                                                 "--reg_source_dir, --reg_class_dir and/or --reg_source_pairs"))
     if not train and args.num_pairs is not None and not (args.reg_source_dir or args.reg_class_dir):
         p.error("--num_pairs counts the pairs of --reg_source_dir/--reg_class_dir photos; --reg_source_pairs alone "
@@ -178,10 +188,12 @@ def find_photos(folder: str, option: str) -> list[Path]:
 
 
 def collect_photos(args: argparse.Namespace) -> list[Photo]:
-    """Train: the subject photos. Reg: source and class photos alternating, so any prefix of pairs mixes both, then
-    the inputs of the --reg_source_pairs training pairs (kind ``pair_input``)."""
+    """Train: the subject photos, then the --source_dir photos. Reg: source and class photos alternating, so any
+    prefix of pairs mixes both, then the inputs of the --reg_source_pairs training pairs (kind ``pair_input``)."""
     if args.mode == "train":
-        return [Photo("subject", p) for p in find_photos(args.subject_dir, "--subject_dir")]
+        return [Photo(kind, p) for kind, folder, option in (("subject", args.subject_dir, "--subject_dir"),
+                                                            ("source", args.source_dir, "--source_dir"))
+                if folder for p in find_photos(folder, option)]
     found = {kind: [Photo(kind, p) for p in find_photos(folder, option)] if folder else []
              for kind, folder, option in (("source", args.reg_source_dir, "--reg_source_dir"),
                                           ("class", args.reg_class_dir, "--reg_class_dir"))}
@@ -241,7 +253,8 @@ def plan_pairs(args: argparse.Namespace, words: dict[str, str], groups: list[Pho
     for group, photo in enumerate(groups):
         seed = pair_seed(args.seed, group)
         if photo.kind in ("source", "pair_input"):  # real (or training-input) source photo → generated class image
-            kind = "reg_paired" if photo.kind == "pair_input" else "reg_source"
+            kind = {"pair_input": "reg_paired", "source": "train_source" if args.mode == "train" else "reg_source"}[
+                photo.kind]
             pairs.append(Pair(len(pairs), photo, seed, kind, forward, forward, "target"))
         else:  # generated source image (input), and its variants ← real subject / class photo (target)
             kind = "train" if args.mode == "train" else "reg_class"

@@ -9,8 +9,10 @@ photos of the subject and of generic circles and of its class are rendered from 
 ``scripts/generate_dataset.py`` makes training and regularization pairs with the base model in reverse (each
 reverse-edited training input also recoloured by follow-up edits, "make the circle white", so that "sks" is learned
 for circles of any colour);
-``main.py`` fine-tunes the base model with prior preservation (and, for ``--noreg_subjects`` of them, with
-``reg_weight=0``); ``scripts/edit_cli.py`` edits held-out circles with "replace the circle with a sks <class>"
+``main.py`` fine-tunes the base model with ``reg_weight=0``, and that model labels the real circles with the subject
+(``generate_dataset.py --source_dir``: "replace the circle with a sks <class>" edits of real circles, the labelled
+pairs); ``main.py`` then fine-tunes the base model with prior preservation on the training and the labelled pairs;
+``scripts/edit_cli.py`` edits held-out circles with "replace the circle with a sks <class>"
 (identifier) and "... with a <class>" (class prompt) using the base and the fine-tuned models; the edits are scored
 against the world's ground truth (`ldm.data.shapesworld`) into ``metrics.json`` and ``report.md`` with its pictures
 (``metrics.png``, ``losses.png``, ``pairs.png``, ``grid.png``).
@@ -77,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--base", default=str(BASE_CKPT), help="base model weights")
     demo.add_argument("--subjects", type=int, default=3, help="subjects (striped star, checkered square, dotted triangle)")
     demo.add_argument("--noreg_subjects", type=int, default=3,
-                      help="subjects also fine-tuned with reg_weight=0 (the ablation), the first ones")
+                      help="subjects whose reg_weight=0 fine-tune is also edited and scored (the ablation), the first "
+                           "ones (with --labelled_pairs every subject has that fine-tune)")
     demo.add_argument("--noreg_steps", type=int, default=100, help="main.py --max_steps of each reg_weight=0 fine-tune")
     demo.add_argument("--subject_photos", type=int, default=6, help="photos of each subject")
     demo.add_argument("--samples_per_image", type=int, default=1, help="reverse edits per subject photo")
@@ -97,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="also every training input edited with the class prompt as a regularization pair "
                            "(generate_dataset.py --reg_source_pairs), so that 'sks' must be told from the class by "
                            "the text alone; measured on four seeds, no better on average (docs/shapesworld.md)")
+    demo.add_argument("--labelled_pairs", action=argparse.BooleanOptionalAction, default=True,
+                      help="label the real circles of the regularization photos with the subject: the reg_weight=0 "
+                           "fine-tune edits each with the identifier prompt (at --cfg-text, paste-back as the pairs), "
+                           "and the prior-preserved fine-tune trains on these pairs besides the generated ones, so it "
+                           "sees real circles with both prompts (generate_dataset.py --source_dir, main.py --data_root "
+                           "twice; docs/shapesworld.md, 'Sixteenth session')")
     demo.add_argument("--paste_back", type=float, default=0.08,
                       help="generate_dataset.py --paste_back of every pair (the real photo kept wherever the edit "
                            "changed it by less than this); 0 for none")
@@ -257,11 +266,15 @@ def demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     heldout = make_world(out, args, subjects)
     base = Path(args.base).resolve()
-    runs = {s.slug: ["finetuned_reg"] + (["finetuned_noreg"] if i < args.noreg_subjects else [])
+    # The reg_weight=0 fine-tune comes first: with --labelled_pairs it labels the real circles for the second.
+    runs = {s.slug: (["finetuned_noreg"] if args.labelled_pairs or i < args.noreg_subjects else []) + ["finetuned_reg"]
             for i, s in enumerate(subjects)}
+    scored = {s.slug: ["finetuned_reg"] + (["finetuned_noreg"] if i < args.noreg_subjects else [])
+              for i, s in enumerate(subjects)}
     edits = {s.slug: [("base", "class")] + ([("base", "identifier")] if args.base_identifier else [])
-             + [(model, kind) for model in runs[s.slug] for kind in PROMPT_KINDS] for s in subjects}
-    progress = Progress(sum(2 + len(runs[s.slug]) + len(edits[s.slug]) for s in subjects))
+             + [(model, kind) for model in scored[s.slug] for kind in PROMPT_KINDS] for s in subjects}
+    labelling = 1 if args.labelled_pairs else 0
+    progress = Progress(sum(2 + labelling + len(runs[s.slug]) + len(edits[s.slug]) for s in subjects))
     logger.info("ShapesWorld demo: %d subjects, %d fine-tunes, %d edit runs → %s", len(subjects),
                 sum(map(len, runs.values())), sum(map(len, edits.values())), out)
     sample = sampling_flags(args, base, args.cfg_text)
@@ -286,11 +299,20 @@ def demo(args: argparse.Namespace) -> int:
             "--num_pairs", str(args.reg_pairs), "--output", str(data / "regularization"),
             "--seed", str(args.seed + 1), "--batch-size", str(args.reg_pairs), *paste, *words, *sample])
         checkpoints = {"base": base}
+        training = [data / "training"]
         for model in runs[subject.slug]:
             name = f"{subject.slug}_{'reg' if model == 'finetuned_reg' else 'noreg'}"
+            if model == "finetuned_reg" and args.labelled_pairs:
+                progress.run(f"{subject.name}: labelled pairs (the reg_weight=0 model on real circles)",
+                             "scripts/generate_dataset.py", [
+                                 "--mode", "train", "--source_dir", str(out / "photos" / "circles"),
+                                 "--identifier", IDENTIFIER, "--output", str(data / "labelled"), *paste,
+                                 "--seed", str(args.seed + 2), "--batch-size", str(args.reg_photos), *words,
+                                 *sampling_flags(args, checkpoints["finetuned_noreg"], args.cfg_text)])
+                training.append(data / "labelled")
             progress.run(f"{subject.name}: fine-tune {name}", "main.py", [
                 "-b", str(PERSONALIZE_CONFIG), "-t", "-n", name, "-s", str(args.seed), "-l", str(out / "logs"),
-                "--actual_resume", str(base), "--data_root", str(data / "training"),
+                "--actual_resume", str(base), *(x for folder in training for x in ("--data_root", str(folder))),
                 "--reg_data_root", str(data / "regularization"), "--identifier", IDENTIFIER,
                 "--max_steps", str(args.finetune_steps if model == "finetuned_reg" else args.noreg_steps), *words,
                 f"model.base_learning_rate={args.lr}",

@@ -187,10 +187,13 @@ def recoloured_cell(folder: Path, record: dict[str, Any], generator):
 
 
 def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int, recolour_seed: int | None = None) -> Path:
-    """Per subject, the first ``count`` training pairs and ``count`` regularization pairs (input | target), the last
-    of these a paired-prior pair (a training input edited with the class prompt) where there are any; a recoloured
-    training input (`generate_dataset.py --vary_template`) is labelled with its colour. With ``recolour_seed`` (the
-    fine-tunes recolour stand-ins) the last training pair shown is the first one with its stand-in recoloured."""
+    """Per subject, ``count`` training pairs and ``count`` regularization pairs (input | target).
+
+    The training pairs are the first ones, except that the last places go to the first labelled pair (a real circle
+    edited by the reg_weight=0 model, ``data/<subject>/labelled``) where there is one and, with ``recolour_seed`` (the
+    fine-tunes recolour stand-ins), to the first training pair with its stand-in recoloured. The last
+    regularization pair is a paired-prior pair (a training input edited with the class prompt) where there are any.
+    A recoloured training input (`generate_dataset.py --vary_template`) is labelled with its colour."""
     import torch
 
     from ldm.visualization import labelled_grid
@@ -200,24 +203,37 @@ def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int, recolo
     for subject in subjects:
         for kind in ("training", "regularization"):
             folder = out / "data" / subject.slug / kind
-            records = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines() if line.strip()]
-            shown, paired = records[:count], [r for r in records if r["kind"] == "reg_paired"]
+            records = read_records(folder)
+            special: list[tuple[Any, Any, str, str]] = []  # (input cell, target cell, input label, target label)
+            labelled = out / "data" / subject.slug / "labelled"
+            if kind == "training" and (labelled / "pairs.jsonl").is_file():
+                first = read_records(labelled)[0]
+                special.append((upscaled(labelled / first["input"]), upscaled(labelled / first["target"]),
+                                "labelled input (real)", "labelled target"))
+            if kind == "training" and recolour_seed is not None:
+                special.append((recoloured_cell(folder, records[0], generator), upscaled(folder / records[0]["target"]),
+                                "recoloured input", "train target"))
+            paired = [r for r in records if r["kind"] == "reg_paired"]
+            special = special[:count]
+            shown = records[:count - len(special)]
             if paired and count:
                 shown = records[:count - 1] + paired[:1]
-            recolour = kind == "training" and recolour_seed is not None and count > 0
-            if recolour:
-                shown = records[:count - 1]
             for record in shown:
                 cells += [upscaled(folder / record["input"]), upscaled(folder / record["target"])]
                 tag = {"train": "train", "reg_paired": "paired reg"}.get(record["kind"], "reg")
                 colour = (record.get("follow_up_instruction") or "").rpartition(" ")[2]  # "make the circle white"
                 labels += [f"{tag} input" + (f": {colour}" if colour else ""), f"{tag} target"]
-            if recolour:
-                cells += [recoloured_cell(folder, records[0], generator), upscaled(folder / records[0]["target"])]
-                labels += ["recoloured input", "train target"]
+            for before, after, *names in special:
+                cells += [before, after]
+                labels += names
     path = out / "pairs.png"
     labelled_grid(cells, 4 * count, labels).save(path)
     return path
+
+
+def read_records(folder: Path) -> list[dict[str, Any]]:
+    """The records of a generate_dataset.py folder's ``pairs.jsonl``, in order."""
+    return [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines() if line.strip()]
 
 
 def read_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -310,7 +326,8 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
                  args: argparse.Namespace, learned: dict[str, Any] | None = None) -> Path:
     """``report.md``: the table (mean ± spread over subjects), per-subject numbers, the pictures and the timings."""
     names = ", ".join(f'{s.name} ("sks {s.shape}")' for s in subjects)
-    noreg = f"{args.noreg_steps} for reg_weight=0" if args.noreg_subjects else "no reg_weight=0 run"
+    noreg = (f"{args.noreg_steps} for reg_weight=0" if args.noreg_subjects or args.labelled_pairs
+             else "no reg_weight=0 run")
     lines = [
         "# ShapesWorld report", "",
         f"Subjects: {names}. Each is edited on the same "
@@ -327,8 +344,11 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         + (f"each stand-in recoloured at random with probability {args.recolour_p:g} whenever the fine-tunes draw "
            "it, " if args.recolour_p > 0 else "")
         + f"{args.reg_pairs} regularization pairs per subject from real photos"
-        + (" and one per training pair, its input edited with the class prompt (the paired prior)."
-           if args.paired_prior else "."), "",
+        + (" and one per training pair, its input edited with the class prompt (the paired prior)"
+           if args.paired_prior else "")
+        + (f"; the prior-preserved fine-tune also trains on {args.reg_photos} labelled pairs per subject: the real "
+           "circles of the regularization photos edited with the identifier prompt by the reg_weight=0 fine-tune."
+           if args.labelled_pairs else "."), "",
         "Mean ± spread (sample standard deviation) over the subjects each model was run on (n):", "",
         "| model | n | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS),
@@ -357,8 +377,10 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         "![metrics](metrics.png)", "",
         "Training losses of the fine-tunes (per step; the reg_weight=0 runs still compute, but do not train on, "
         "loss_reg):", "", "![losses](losses.png)", "",
-        "Generated training pairs (input made by the base model in reverse | real subject photo) and regularization "
-        "pairs, per subject:", "", "![pairs](pairs.png)", "",
+        "Generated training pairs (input made by the base model in reverse | real subject photo)"
+        + (", a labelled pair (real circle | the reg_weight=0 model's identifier edit)"
+           if args.labelled_pairs else "")
+        + " and regularization pairs, per subject:", "", "![pairs](pairs.png)", "",
         "Edits of held-out circles (per subject; columns: input | base, reg and no-reg model, each with the class "
         "and the identifier prompt):", "", "![grid](grid.png)", "",
         *(learned_lines(learned) if learned else []),

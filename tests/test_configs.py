@@ -111,3 +111,26 @@ def test_seed_finetune_data_section_instantiates(tmp_path):
     train, reg = next(iter(data.train_dataloader()))
     assert train["image"].shape == (1, 3, 256, 256)
     assert train["caption"] == ["replace the wolf with a sks cat"] and reg["caption"] == ["replace the wolf with a cat"]
+
+
+def test_data_root_given_twice_trains_and_validates_on_both_folders(tmp_path):
+    """main.py --data_root A --data_root B: the training (and validation) set reads A's pairs, then B's; one
+    --data_root stays a plain string in the saved config, as in the seed's."""
+    import main
+    from tests.test_train import make_pairs
+
+    roots = [make_pairs(tmp_path / "t", 2, 0, (300, 300)), make_pairs(tmp_path / "l", 3, 1, (300, 300))]
+    config = OmegaConf.load(REFERENCE_CONFIGS / "seed-v1-finetune_unfrozen.yaml")
+    opt = main.get_parser().parse_args(["--data_root", str(roots[0]), "--data_root", str(roots[1]),
+                                        "--reg_data_root", str(roots[0]), "--class_word", "cat"])
+    main.apply_data_flags(config, opt)
+    assert config.data.params.train.params.data_root == config.data.params.validation.params.data_root == [
+        str(root) for root in roots]
+    data = instantiate_from_config(config.data)
+    data.setup("fit")
+    for dataset in (data.datasets["train"], data.datasets["validation"]):
+        assert [p.input.parent for p in dataset.pairs] == [roots[0]] * 2 + [roots[1]] * 3
+    single = OmegaConf.load(REFERENCE_CONFIGS / "seed-v1-finetune_unfrozen.yaml")
+    main.apply_data_flags(single, main.get_parser().parse_args(["--data_root", str(roots[1]),
+                                                               "--reg_data_root", str(roots[0])]))
+    assert single.data.params.train.params.data_root == str(roots[1])

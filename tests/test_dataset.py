@@ -164,6 +164,35 @@ def test_manifest_preferred_over_file_names(tmp_path: Path) -> None:
     assert ds[0]["image"][1].mean() > 0.5  # green target from the manifest, not the red 00 pair
 
 
+def test_several_folders_are_read_one_after_the_other(tmp_path: Path) -> None:
+    """A list of folders (main.py --data_root twice): the generated training pairs and labelled pairs made by another
+    model, each folder with its own captions (a manifest, or the template for a folder of NN_0/NN_1 files)."""
+    write_pair(tmp_path / "made", "00", solid(RED), solid(RED))
+    write_pair(tmp_path / "made", "01", solid(GREEN), solid(GREEN))
+    write_pair(tmp_path / "labelled", "a", solid(GREY), solid(GREY))
+    (tmp_path / "labelled" / "pairs.jsonl").write_text(json.dumps(
+        {"input": "a_0.png", "target": "a_1.png", "instruction": "replace the dog with a zwx cat (labelled)"}) + "\n")
+    words = dict(placeholder_token="cat", identifier="zwx", source_word="dog", size=16, repeats=2)
+    ds = PersonalizedBase([tmp_path / "made", str(tmp_path / "labelled")], **words)
+    assert [(p.input.parent.name, p.input.name) for p in ds.pairs] == [
+        ("made", "00_0.png"), ("made", "01_0.png"), ("labelled", "a_0.png")]
+    assert (ds.num_images, len(ds)) == (3, 6)
+    assert [ds[i]["caption"] for i in range(3)] == ["replace the dog with a zwx cat"] * 2 + [
+        "replace the dog with a zwx cat (labelled)"]
+    assert ds[1]["image"][1].mean() > 0.5  # the green pair of the first folder
+    reversed_order = PersonalizedBase([tmp_path / "labelled", tmp_path / "made"], **words)
+    assert reversed_order.pairs == ds.pairs[2:] + ds.pairs[:2]
+    with pytest.raises(ValueError, match="more than once"):
+        PersonalizedBase([tmp_path / "made", tmp_path / "made"], **words)
+    with pytest.raises(ValueError, match="empty list"):
+        PersonalizedBase([], **words)
+    solid(GREY).save(tmp_path / "labelled" / "b_0.png")  # no partner, but the manifest defines that folder
+    solid(GREY).save(tmp_path / "made" / "02_0.png")  # no partner in the scanned folder: a problem
+    error = assert_problems([tmp_path / "labelled", tmp_path / "made", tmp_path / "gone"], "02_0.png", "gone",
+                            "does not exist")
+    assert len(error.problems) == 2
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 

@@ -98,6 +98,11 @@ def test_generate_dataset_sh_errors(files, tmp_path):
                                            "OUTPUT": str(tmp_path / "o3"), "CKPT": str(files["ckpt"]),
                                            "CONFIG": str(TINY_IP2P)})
     assert_user_error(paired, str(empty), "no image pairs found")
+    labelled = shell("generate_dataset.sh", {"MODE": "train", "SOURCE_DIR": str(empty), "OUTPUT": str(tmp_path / "o4"),
+                                             "CKPT": str(files["ckpt"]), "CONFIG": str(TINY_IP2P)})
+    assert_user_error(labelled, f"--source_dir {empty}", "no image files")
+    neither = shell("generate_dataset.sh", {"MODE": "train", "OUTPUT": str(tmp_path / "o5")})
+    assert_user_error(neither, "set SUBJECT_DIR", "SOURCE_DIR")
 
 
 def test_bugs_keep_their_traceback(monkeypatch, tmp_path, files):

@@ -192,6 +192,35 @@ def test_paired_prior_edits_every_training_input_with_the_class_prompt(train_set
     assert "does not match the plan" in capsys.readouterr().err and _digest(output) == before
 
 
+def test_source_photos_are_labelled_with_the_identifier(photos, tiny_ckpt, tmp_path):
+    """--source_dir (train): after the subject pairs (and their variants), one pair per source photo whose input is
+    the real photo and whose target is its forward edit with the identifier caption (kind train_source, no variants:
+    only a generated input is varied); they load as training pairs beside a folder of generated ones."""
+    from ldm.data.personalized_edit import PersonalizedBase
+
+    output = tmp_path / "mixed"
+    assert main(_train_args(photos, tiny_ckpt, output, "--source_dir", str(photos["wolves"]),
+                            "--vary_template", "make the {source} white", "--samples_per_image", "1",
+                            "--paste_back", "0.08")) == 0
+    records = _records(output)
+    assert [(r["kind"], r["source_name"], r.get("follow_up_instruction")) for r in records] == [
+        ("train", "a.jpg", None), ("train", "a.jpg", "make the wolf white"), ("train", "b.png", None),
+        ("train", "b.png", "make the wolf white"), ("train", "c.png", None), ("train", "c.png", "make the wolf white"),
+        ("train_source", "w1.jpg", None), ("train_source", "w2.jpg", None)]
+    for r in records[6:]:
+        assert (r["generated"], r["instruction"], r["edit_instruction"]) == (
+            "target", "replace the wolf with a sks dog", "replace the wolf with a sks dog")
+        real = _fitted(photos["wolves"] / r["source_name"])
+        np.testing.assert_array_equal(_pixels(output / r["input"]), real)
+        assert not np.array_equal(_pixels(output / r["target"]), real)
+    alone = tmp_path / "labelled"
+    assert main(["--mode", "train", "--source_dir", str(photos["wolves"]), "--output", str(alone),
+                 "--ckpt", str(tiny_ckpt), *WORDS, *COMMON]) == 0
+    assert [(r["kind"], r["index"]) for r in _records(alone)] == [("train_source", 0), ("train_source", 1)]
+    data = PersonalizedBase([output, alone], size=64, repeats=1, placeholder_token="dog")
+    assert len(data) == 10 and data[9]["caption"] == "replace the wolf with a sks dog"
+
+
 def test_paired_prior_of_a_folder_without_pairs_is_a_clear_error(photos, tiny_ckpt, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for folder, needle in (("missing", "does not exist"), ("empty", "no image pairs found")):
@@ -401,7 +430,8 @@ def test_bad_inputs_are_clear_errors(photos, tiny_ckpt, tmp_path, capsys, change
 
 
 def test_bad_arguments_exit_2():
-    for argv in (["--mode", "train", *WORDS, "--output", "o"],  # no --subject_dir
+    for argv in (["--mode", "train", *WORDS, "--output", "o"],  # no --subject_dir or --source_dir
+                 ["--mode", "reg", "--reg_class_dir", "d", "--source_dir", "w", *WORDS, "--output", "o"],
                  ["--mode", "reg", *WORDS, "--output", "o"],  # no reg folder
                  ["--mode", "reg", "--reg_class_dir", "d", "--samples_per_image", "2", *WORDS, "--output", "o"],
                  # reg targets must stay faithful edits of their inputs: no recoloured variants

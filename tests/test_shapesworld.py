@@ -229,18 +229,33 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     report and its pictures are written, and the training pairs are made at --pairs_cfg_text while the
     regularization pairs and the edits use --cfg-text (the reverse edit sizes the subject's stand-in better at low
     guidance, docs/shapesworld.md); with --paired_prior the regularization pairs include every training input; the
-    identifier edits (only they) have contrast guidance against the class prompt."""
+    identifier edits (only they) have contrast guidance against the class prompt; the reg_weight=0 model (trained
+    although not scored: it labels the real circles) edits the regularization set's real circles into labelled pairs,
+    on which the prior-preserved fine-tune trains besides the generated pairs."""
+    import hashlib
+
     from PIL import Image
 
     from scripts.shapesworld import main
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--subjects", "1", "--noreg_subjects", "0", "--subject_photos", "1",
-                 "--variants", "white", "--reg_photos", "1", "--reg_pairs", "1", "--heldout", "1",
+                 "--variants", "white", "--reg_photos", "2", "--reg_pairs", "1", "--heldout", "1",
                  "--finetune_steps", "1", "--steps", "1", "--grid_rows", "1", "--cfg-text", "2.5",
                  "--pairs_cfg_text", "1.25", "--seed", "3", "--paired_prior", "--recolour_p", "0.5",
                  "--cfg-contrast", "1.5"]) == 0
     data = out / "data" / "striped_star"
+    labelled = [json.loads(line) for line in (data / "labelled" / "pairs.jsonl").read_text().splitlines()]
+    (noreg_export,) = (out / "logs").glob("*_striped_star_noreg/export/model.safetensors")
+    assert [(r["kind"], r["instruction"], r["cfg_text"], r["source_name"]) for r in labelled] == [
+        ("train_source", "replace the circle with a sks star", 2.5, f"00{i}.png") for i in range(2)]
+    for record in labelled:
+        assert record["checkpoint_sha256"] == hashlib.sha256(noreg_export.read_bytes()).hexdigest()
+        assert (np.asarray(Image.open(data / "labelled" / record["input"]))
+                == np.asarray(Image.open(out / "photos" / "circles" / record["source_name"]))).all()
+    roots = {run: OmegaConf.load(next((out / "logs").glob(f"*_striped_star_{run}/configs/*-project.yaml")))
+             .data.params.train.params.data_root for run in ("noreg", "reg")}
+    assert roots == {"noreg": str(data / "training"), "reg": [str(data / "training"), str(data / "labelled")]}
     rows = {part: [json.loads(line) for line in (data / part / "pairs.jsonl").read_text().splitlines()]
             for part in ("training", "regularization")}
     assert [(r["cfg_text"], r.get("follow_up_instruction")) for r in rows["training"]] == [
@@ -259,6 +274,7 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     report = (out / "report.md").read_text()
     assert "text guidance 2.5" in report and "made at text guidance 1.25" in report and "the paired prior" in report
     assert "recoloured at random with probability 0.5" in report
+    assert "also trains on 2 labelled pairs per subject" in report and "a labelled pair (real circle" in report
     assert "the identifier prompt with contrast guidance 1.5 against the class prompt" in report
     edits = {kind: json.loads(Image.open(out / "edits" / "striped_star" / "finetuned_reg" / kind / "000.png")
                               .text["instruct2dream"]) for kind in ("identifier", "class")}
@@ -271,6 +287,21 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     assert train.target.endswith("RecolouredStandIns") and train.params.recolour_p == 0.5
     for picture in ("grid.png", "pairs.png", "losses.png", "metrics.png"):
         assert (out / picture).stat().st_size > 1000 and f"({picture})" in report
+
+
+def test_a_tiny_demo_without_labelled_pairs_trains_only_what_it_scores(tmp_path):
+    """--no-labelled_pairs with --noreg_subjects 0: no reg_weight=0 fine-tune, no labelled folder, one training
+    folder, and the report says so."""
+    from scripts.shapesworld import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--subjects", "1", "--noreg_subjects", "0", "--subject_photos", "1",
+                 "--variants", "", "--reg_photos", "1", "--reg_pairs", "1", "--heldout", "1", "--finetune_steps", "1",
+                 "--steps", "1", "--grid_rows", "1", "--no-labelled_pairs"]) == 0
+    assert [p.name.split("_", 1)[1] for p in (out / "logs").iterdir()] == ["striped_star_reg"]
+    assert sorted(p.name for p in (out / "data" / "striped_star").iterdir()) == ["regularization", "training"]
+    report = (out / "report.md").read_text()
+    assert "labelled" not in report and "no reg_weight=0 run" in report
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
@@ -337,7 +368,8 @@ def test_report_carries_the_learned_metrics_section(tmp_path, noreg_subjects, sa
     args = argparse.Namespace(heldout=1, steps=1, cfg_text=5.0, cfg_image=1.5, pairs_cfg_text=1.5, seed=0,
                               finetune_steps=125, noreg_steps=7, noreg_subjects=noreg_subjects, variants=["white"],
                               lr=1e-4, batch=1, subject_photos=1, samples_per_image=1, reg_pairs=1,
-                              paired_prior=False, recolour_p=0.5, cfg_contrast=2.0)
+                              paired_prior=False, recolour_p=0.5, cfg_contrast=2.0, labelled_pairs=False,
+                              reg_photos=1)
     text = report.write_report(tmp_path, {}, {report.SUBJECTS[0].slug: {}}, report.SUBJECTS[:1], {"total": 1.0}, args,
                                learned).read_text()
     assert "random-weight encoders" in text and "| base model, class | 0.500 |" in text

@@ -176,6 +176,8 @@ def test_ddp_two_processes(workspace):
         (["-t"], "give at least one config"),
         (["-b", "nope.yaml", "-t"], "config not found: nope.yaml"),
         (["-b", str(TINY_TRAIN), "-t", "--data_root", "/no/such/dir"], "--data_root /no/such/dir"),
+        (["-b", str(TINY_TRAIN), "-t", "--data_root", "/", "--data_root", "/no/such/second"],
+         "--data_root /no/such/second"),
         (["-b", str(TINY_TRAIN)], "nothing to do"),
         (["-r", "/no/such/logdir", "-t"], "--resume /no/such/logdir"),
     ],

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Photo:
-    """A real photo: ``kind`` is subject (train), source or class (reg); ``sha256`` of its bytes once read."""
+    """A real photo: ``kind`` is subject or source (train), source, class or pair_input (reg); ``sha256`` of its bytes
+    once read."""
 
     kind: str
     path: Path
@@ -37,7 +38,7 @@ class Pair:
     index: int
     photo: Photo
     seed: int
-    kind: str  # train | reg_source | reg_class
+    kind: str  # train | train_source | reg_source | reg_class | reg_paired
     edit_instruction: str  # given to InstructPix2Pix
     instruction: str  # the pair's caption (forward direction)
     generated: str  # "input" (NN_0) or "target" (NN_1)

@@ -14,7 +14,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
@@ -139,7 +139,7 @@ def find_pairs(data_root: str | os.PathLike[str]) -> list[EditPair]:
 
 
 class PersonalizedBase(Dataset):
-    """Input/target editing pairs of one folder with a DreamBooth caption (seed §4, bugs of §10 fixed).
+    """Input/target editing pairs of one folder (or several) with a DreamBooth caption (seed §4, bugs of §10 fixed).
 
     Items: ``image`` = target (``NN_1``), ``c_concat`` = input (``NN_0``), both (3, size, size) float32 in
     [-1, 1], and ``caption``. Each pair is resized aspect-preserving (short side → ``size``) and cropped with one
@@ -147,6 +147,9 @@ class PersonalizedBase(Dataset):
     with probability ``flip_p`` for ``data_set="train"`` (centre window if ``center_crop``), centre crop without
     flip otherwise. Random draws come from torch's default generator, which a DataLoader seeds per worker, so a
     run is reproducible from its seed.
+
+    ``data_root``: a folder, or a list of folders whose pairs are read one after the other (e.g. the generated
+    training pairs and labelled pairs made by another model, each folder with its own manifest).
 
     Captions: the manifest's ``instruction`` when ``pairs.jsonl`` exists; else ``template`` formatted with
     ``{identifier}``, ``{class}``/``{class_word}`` (= ``placeholder_token``, the seed's ``--class_word``) and
@@ -159,7 +162,7 @@ class PersonalizedBase(Dataset):
 
     def __init__(
         self,
-        data_root: str | os.PathLike[str],
+        data_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         size: int = 256,
         repeats: int = 100,
         interpolation: str = "bicubic",
@@ -187,7 +190,14 @@ class PersonalizedBase(Dataset):
         values = {"per_image_tokens": per_image_tokens, "mixing_prob": mixing_prob, "coarse_class_text": coarse_class_text}
         for name, value in values.items():
             report_legacy_param("PersonalizedBase", name, value, "textual-inversion leftover", _LEGACY_DEFAULTS[name])
-        self.data_root = Path(data_root)
+        self.data_roots = [Path(data_root)] if isinstance(data_root, (str, os.PathLike)) else [
+            Path(root) for root in data_root]
+        if not self.data_roots:
+            raise ValueError("data_root is an empty list of folders")
+        twice = sorted({str(root) for root in self.data_roots if self.data_roots.count(root) > 1})
+        if twice:
+            raise ValueError(f"data_root lists {', '.join(twice)} more than once (its pairs would count twice)")
+        self.where = ", ".join(map(str, self.data_roots))
         self.size = size
         self.repeats = repeats
         self.resample = resampling(interpolation)
@@ -208,17 +218,17 @@ class PersonalizedBase(Dataset):
             ) from None
         self.pairs, self._sizes = self._discover()
         self._length = self.num_images * repeats if data_set == "train" else self.num_images
-        if not reg and data_set == "train" and self.pairs[0].instruction is not None:
+        if not reg and data_set == "train" and any(pair.instruction is not None for pair in self.pairs):
             if not any(identifier in pair.instruction for pair in self.pairs if pair.instruction):
-                logger.warning("no manifest instruction in %s mentions the identifier %r", self.data_root, identifier)
+                logger.warning("no manifest instruction in %s mentions the identifier %r", self.where, identifier)
         logger.info(
             "PersonalizedBase: %d pairs in %s (%s%s, %d items); caption: %s",
             self.num_images,
-            self.data_root,
+            self.where,
             data_set,
             ", reg" if reg else "",
             self._length,
-            "from pairs.jsonl" if self.pairs[0].instruction is not None else repr(self.caption),
+            caption_source(self.pairs, self.caption),
         )
 
     @property
@@ -228,7 +238,12 @@ class PersonalizedBase(Dataset):
 
     def _discover(self) -> tuple[list[EditPair], dict[Path, tuple[int, int]]]:
         """Find the pairs and check every file once; raise one `DatasetError` listing all problems."""
-        pairs, problems = _find(self.data_root)
+        pairs: list[EditPair] = []
+        problems: list[str] = []
+        for root in self.data_roots:
+            found, wrong = _find(root)
+            pairs += found
+            problems += wrong
         files = list(dict.fromkeys(path for pair in pairs for path in (pair.input, pair.target)))
         sizes: dict[Path, tuple[int, int]] = {}
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:
@@ -242,7 +257,7 @@ class PersonalizedBase(Dataset):
                 else:
                     sizes[path] = result
         if problems:
-            raise DatasetError(self.data_root, problems)
+            raise DatasetError(self.where, problems)
         return pairs, sizes
 
     def __len__(self) -> int:
@@ -259,6 +274,14 @@ class PersonalizedBase(Dataset):
         sizes = (self._sizes[pair.target], self._sizes[pair.input])
         target, source = load_pair((pair.target, pair.input), sizes, self.size, window, self.resample)
         return {"image": target, "c_concat": source, "caption": pair.instruction or self.caption}
+
+
+def caption_source(pairs: list[EditPair], caption: str) -> str:
+    """Where the captions of ``pairs`` come from, for the log: the manifests, the template ``caption``, or both."""
+    listed = sum(pair.instruction is not None for pair in pairs)
+    if listed == len(pairs):
+        return f"from {MANIFEST_NAME}"
+    return repr(caption) if not listed else f"from {MANIFEST_NAME} ({listed} pairs), else {caption!r}"
 
 
 def _probe(path: Path) -> tuple[int, int] | str:
