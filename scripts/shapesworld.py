@@ -91,11 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="probability that a fine-tune draws a training input with its stand-in circle repainted "
                            "in a random colour (ldm/data/shapesworld_recolour.py); 0: the inputs as generated. "
                            "Measured on five seeds at 0.5, no better on average (docs/shapesworld.md)")
-    demo.add_argument("--reg_photos", type=int, default=6,
+    demo.add_argument("--reg_photos", type=int, default=12,
                       help="real circles and real class instances (each), their colours cycling through the "
-                           "world's six")
+                           "world's six; --labelled_pairs labels every circle")
     demo.add_argument("--reg_pairs", type=int, default=12,
-                      help="regularization pairs per subject from the real circles and class photos")
+                      help="regularization pairs per subject from the real circles and class photos, taken "
+                           "alternately (12: the first 6 of each)")
     demo.add_argument("--paired_prior", action="store_true",
                       help="also every training input edited with the class prompt as a regularization pair "
                            "(generate_dataset.py --reg_source_pairs), so that 'sks' must be told from the class by "
