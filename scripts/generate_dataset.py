@@ -253,8 +253,7 @@ def plan_pairs(args: argparse.Namespace, words: dict[str, str], groups: list[Pho
     for group, photo in enumerate(groups):
         seed = pair_seed(args.seed, group)
         if photo.kind in ("source", "pair_input"):  # real (or training-input) source photo → generated class image
-            kind = {"pair_input": "reg_paired", "source": "train_source" if args.mode == "train" else "reg_source"}[
-                photo.kind]
+            kind = "reg_paired" if photo.kind == "pair_input" else f"{args.mode}_source"  # train_/reg_source
             pairs.append(Pair(len(pairs), photo, seed, kind, forward, forward, "target"))
         else:  # generated source image (input), and its variants ← real subject / class photo (target)
             kind = "train" if args.mode == "train" else "reg_class"

@@ -213,11 +213,11 @@ def make_pairs_grid(out: Path, subjects: tuple[Subject, ...], count: int, recolo
             if kind == "training" and recolour_seed is not None:
                 special.append((recoloured_cell(folder, records[0], generator), upscaled(folder / records[0]["target"]),
                                 "recoloured input", "train target"))
-            paired = [r for r in records if r["kind"] == "reg_paired"]
+            for record in [r for r in records if r["kind"] == "reg_paired"][:1]:
+                special.append((upscaled(folder / record["input"]), upscaled(folder / record["target"]),
+                                "paired reg input", "paired reg target"))
             special = special[:count]
             shown = records[:count - len(special)]
-            if paired and count:
-                shown = records[:count - 1] + paired[:1]
             for record in shown:
                 cells += [upscaled(folder / record["input"]), upscaled(folder / record["target"])]
                 tag = {"train": "train", "reg_paired": "paired reg"}.get(record["kind"], "reg")
