@@ -32,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -346,7 +347,8 @@ def demo(args: argparse.Namespace) -> int:
                     recolour_seed=args.seed if args.recolour_p > 0 else None)
     make_loss_plot(out, losses)
     make_metrics_chart(out, table)
-    report = write_report(out, table, per_subject, subjects, timings, args, learned)
+    reg_log_every = int(OmegaConf.load(PERSONALIZE_CONFIG).model.params.get("reg_log_every", 1))
+    report = write_report(out, table, per_subject, subjects, timings, args, learned, reg_log_every)
     logger.info("report: %s (%.0f s in total)", report, timings["total"])
     logger.info("\n%s", "\n".join(report.read_text().splitlines()[:12 + len(MODELS)]))
     return 0

@@ -323,8 +323,11 @@ def learned_lines(learned: dict[str, Any]) -> list[str]:
 
 
 def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subject, ...], timings: dict[str, float],
-                 args: argparse.Namespace, learned: dict[str, Any] | None = None) -> Path:
-    """``report.md``: the table (mean ± spread over subjects), per-subject numbers, the pictures and the timings."""
+                 args: argparse.Namespace, learned: dict[str, Any] | None = None, reg_log_every: int = 1) -> Path:
+    """``report.md``: the table (mean ± spread over subjects), per-subject numbers, the pictures and the timings.
+
+    ``reg_log_every``: the fine-tunes' setting (a reg_weight=0 run computes loss_reg on every N-th step only).
+    """
     names = ", ".join(f'{s.name} ("sks {s.shape}")' for s in subjects)
     noreg = (f"{args.noreg_steps} for reg_weight=0" if args.noreg_subjects or args.labelled_pairs
              else "no reg_weight=0 run")
@@ -376,7 +379,7 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         "run with that model (the base model: class prompt only).", "",
         "![metrics](metrics.png)", "",
         "Training losses of the fine-tunes (per step; the reg_weight=0 runs still compute, but do not train on, "
-        "loss_reg):", "", "![losses](losses.png)", "",
+        f"loss_reg{'' if reg_log_every == 1 else f', on every {reg_log_every}th step'}):", "", "![losses](losses.png)", "",
         "Generated training pairs (input made by the base model in reverse | real subject photo)"
         + (", a labelled pair (real circle | the reg_weight=0 model's identifier edit)"
            if args.labelled_pairs else "")

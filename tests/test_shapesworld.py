@@ -241,9 +241,9 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--subjects", "1", "--noreg_subjects", "0", "--subject_photos", "1",
                  "--variants", "white", "--reg_photos", "2", "--reg_pairs", "1", "--heldout", "1",
-                 "--finetune_steps", "1", "--steps", "1", "--grid_rows", "1", "--cfg-text", "2.5",
-                 "--pairs_cfg_text", "1.25", "--seed", "3", "--paired_prior", "--recolour_p", "0.5",
-                 "--cfg-contrast", "1.5"]) == 0
+                 "--finetune_steps", "1", "--noreg_steps", "6", "--steps", "1", "--grid_rows", "1",
+                 "--cfg-text", "2.5", "--pairs_cfg_text", "1.25", "--seed", "3", "--paired_prior",
+                 "--recolour_p", "0.5", "--cfg-contrast", "1.5"]) == 0
     data = out / "data" / "striped_star"
     labelled = [json.loads(line) for line in (data / "labelled" / "pairs.jsonl").read_text().splitlines()]
     (noreg_export,) = (out / "logs").glob("*_striped_star_noreg/export/model.safetensors")
@@ -271,7 +271,13 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["pairs_cfg_text"] == 1.25
     assert set(metrics["table"]) == {"base", "finetuned_reg"}
+    # The reg_weight=0 run only logs its prior term, computed on every 5th step (personalize.yaml: reg_log_every).
+    curves = {run: {name: [step for step, _ in points] for name, points in metrics["losses"][run].items()}
+              for run in ("striped_star_noreg", "striped_star_reg")}
+    assert curves == {"striped_star_noreg": {"loss_train": list(range(6)), "loss_reg": [0, 5]},
+                      "striped_star_reg": {"loss_train": [0], "loss_reg": [0]}}
     report = (out / "report.md").read_text()
+    assert "loss_reg, on every 5th step" in report
     assert "text guidance 2.5" in report and "made at text guidance 1.25" in report and "the paired prior" in report
     assert "recoloured at random with probability 0.5" in report
     assert "also trains on 2 labelled pairs per subject" in report and "a labelled pair (real circle" in report

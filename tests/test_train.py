@@ -294,6 +294,52 @@ def test_training_step_with_a_reg_batch(reg_weight, monkeypatch):
         assert (grads - train_only).norm() > 1e-3 * train_only.norm()
 
 
+def test_reg_log_every_computes_the_logged_only_prior_term_on_every_nth_step(monkeypatch):
+    """At reg_weight 0 the prior term is only logged; with reg_log_every 3 it is computed (and logged) on steps 0
+    and 3 only, and every step's loss and gradient are those of a model that computes it on every step. It then goes
+    to the loggers directly, at its step (Lightning would log its last value again on the steps between). With prior
+    preservation the term is trained on every step whatever reg_log_every says."""
+    calls, logged = [], {}
+
+    class Logger:
+        def log_metrics(self, metrics, step):
+            logged.update({f"{name}@{step}": value for name, value in metrics.items()})
+
+    train_batch, reg_batch = _batch(0), _batch(1, caption="replace the wolf with a dog")
+
+    def run(reg_weight, every):
+        model = _dreambooth_model(reg_weight=reg_weight, reg_log_every=every)
+        unet = model.model.diffusion_model.forward
+        monkeypatch.setattr(model.model.diffusion_model, "forward",
+                            lambda x, *a, **k: calls.append(len(x)) or unet(x, *a, **k))
+        steps = []
+        for step in range(4):
+            calls.clear()
+            logged.clear()
+            monkeypatch.setattr(type(model), "global_step", property(lambda self, s=step: s))
+            monkeypatch.setattr(type(model), "loggers", property(lambda self: [Logger()]))
+            monkeypatch.setattr(model, "log_dict", lambda values, **kwargs: logged.update(values))
+            monkeypatch.setattr(model, "log", lambda name, value, **kwargs: logged.update({name: value}))
+            model.zero_grad()
+            loss = model.training_step([train_batch, reg_batch], 0)
+            loss.backward()
+            grads = torch.cat([p.grad.flatten() for p in model.model.parameters()])
+            has_reg = {"train/loss_reg", f"train/loss_reg@{step}"} & set(logged)
+            assert len(has_reg) <= 1 and all(float(logged[k]) > 0 for k in has_reg)
+            steps.append((list(calls), has_reg and has_reg.pop(), loss.detach(), grads))
+        return steps
+
+    every_step, every_third = run(0.0, 1), run(0.0, 3)
+    assert [(calls, has_reg) for calls, has_reg, _, _ in every_third] == [
+        ([2, 2], "train/loss_reg@0"), ([2], set()), ([2], set()), ([2, 2], "train/loss_reg@3")]
+    assert all(has_reg == "train/loss_reg" for _, has_reg, _, _ in every_step)
+    for (_, _, loss_a, grads_a), (_, _, loss_b, grads_b) in zip(every_step, every_third):
+        assert torch.equal(loss_a, loss_b) and torch.equal(grads_a, grads_b)
+    assert all(calls == [4] and has_reg == "train/loss_reg" for calls, has_reg, _, _ in run(0.5, 3))
+    with pytest.raises(ValueError, match="reg_log_every"):
+        _dreambooth_model(reg_log_every=0)
+
+
 def test_joint_step_with_batches_of_different_sizes_makes_two_calls(monkeypatch):
     """Subject and prior photos of different sizes cannot share a UNet call: two calls, the same losses."""
     model = _dreambooth_model()

@@ -258,6 +258,8 @@ class LatentDiffusion(LatentDiffusionTraining, DDPM):
         conditioning_key: ``crossattn`` (SD v1 text-to-image) or ``hybrid`` (InstructPix2Pix: image latent
             concatenated to the input, text through cross-attention).
         reg_weight: DreamBooth prior-preservation weight λ in ``loss_train + λ·loss_reg``.
+        reg_log_every: at ``reg_weight`` 0 the prior term is only logged; compute it on every N-th step (its UNet
+            call is about a fifth of such a step on a CPU). The weights trained do not depend on it.
         conditioning_dropout: ``{text, both, image}`` probabilities of InstructPix2Pix's joint dropout during
             training (`conditioning.JointDropout`); default 5% each, as InstructPix2Pix was trained, so the
             unconditional branches that guidance uses at inference keep being trained; ``{}`` values of 0 disable it.
@@ -279,6 +281,7 @@ class LatentDiffusion(LatentDiffusionTraining, DDPM):
         scale_factor: float = 1.0,
         scale_by_std: bool = False,
         reg_weight: float = 1.0,
+        reg_log_every: int = 1,
         conditioning_dropout: Mapping[str, float] | None = None,
         personalization_config: Mapping[str, Any] | None = None,
         frozen_dtype: str | None = None,
@@ -302,6 +305,9 @@ class LatentDiffusion(LatentDiffusionTraining, DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.scale_factor = float(scale_factor)
         self.reg_weight = float(reg_weight)
+        if int(reg_log_every) < 1:
+            raise ValueError(f"reg_log_every must be a positive number of steps, got {reg_log_every}")
+        self.reg_log_every = int(reg_log_every)
         self.conditioning_dropout = JointDropout(**(conditioning_dropout or {}))
         self.frozen_dtype = None  # set below, once the weights are loaded in float32
         frozen = _half_dtype(frozen_dtype)

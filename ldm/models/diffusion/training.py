@@ -108,8 +108,11 @@ class LatentDiffusionTraining:
             (loss_train, parts), (loss_reg, reg_parts) = self.joint_step(train_batch, reg_batch, generators)
         else:
             loss_train, parts = self.shared_step(train_batch, generators[0])
+            if reg_batch is not None and self.reg_weight == 0 and self.global_step % self.reg_log_every:
+                reg_batch = None  # a step without the logged-only prior term (reg_log_every)
             if reg_batch is not None:
                 # At reg_weight 0 (the ablation) the prior term is only logged: no graph, no backward through it.
+                # It draws from its own generator, so computing it or not leaves the trained weights alike.
                 with torch.no_grad():
                     loss_reg, reg_parts = self.shared_step(reg_batch, generators[1])
         size = len(self.get_input(train_batch)[1])
@@ -117,13 +120,18 @@ class LatentDiffusionTraining:
         loss = loss_train
         if reg_batch is not None:
             loss = prior_preservation_loss(loss_train, loss_reg, self.reg_weight)
-            logs["train/loss_reg"] = reg_parts["loss"]
+            if self.reg_weight == 0 and self.reg_log_every > 1:
+                # Lightning repeats a step metric's last value on the steps that do not log it: to the loggers directly.
+                for logger in self.loggers:
+                    logger.log_metrics({"train/loss_reg": float(reg_parts["loss"])}, step=self.global_step)
+            else:
+                logs["train/loss_reg"] = reg_parts["loss"]
         logs["train/loss_train"] = parts["loss"]
         logs["train/loss"] = loss.detach()
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=size)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, logger=False, batch_size=size)
         if reg_batch is not None:
-            self.log("reg", logs["train/loss_reg"], prog_bar=True, on_step=True, logger=False, batch_size=size)
+            self.log("reg", reg_parts["loss"], prog_bar=True, on_step=True, logger=False, batch_size=size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
