@@ -8,7 +8,10 @@ pairs at 64 px, full fine-tune (UNet and text encoder), AdamW. Cases, each addin
 * ``joint + fused AdamW``: torch's fused AdamW kernel (what ``ldm.optim.build_optimizer`` picks on CPU and CUDA)
 * ``joint + fused + channels_last``: ``model.params.channels_last`` (the ShapesWorld configs)
 
-Median seconds per step over ``--steps`` after one warm-up step, and the ratio to the first case (not a test):
+Median seconds per step over ``--steps`` after one warm-up step, and the ratio to the first case. Then the
+``reg_weight=0`` step of the last case (the subject batch trained; the prior batch only logged, through a UNet call
+without a graph) with the prior term computed on every step and on every 5th (``model.params.reg_log_every``):
+mean seconds per step over ``--steps`` (not a test):
 
     python bench/bench_cpu_step.py --out bench/cpu-step.md
 """
@@ -65,6 +68,29 @@ def seconds_per_step(joint: bool, fused: bool, channels_last: bool, steps: int) 
     return statistics.median(times[1:])
 
 
+def seconds_per_noreg_step(log_every: int, steps: int) -> float:
+    """Mean seconds per ``reg_weight=0`` step (as `training_step` runs it) when the logged-only prior term is
+    computed on every ``log_every``-th step; the ShapesWorld config's channels-last weights, fused AdamW."""
+    config = OmegaConf.load(REPO / "configs/shapesworld/personalize.yaml").model
+    torch.manual_seed(0)
+    model = instantiate_from_config(config).train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, fused=True)
+    data = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(steps + 1):
+        train, reg = batch(data, "replace the circle with a sks star"), batch(data, "replace the circle with a star")
+        generators = torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(2 * i + 1)
+        start = time.perf_counter()
+        model.shared_step(train, generators[0])[0].backward()
+        if i % log_every == 0:
+            with torch.no_grad():
+                model.shared_step(reg, generators[1])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.mean(times[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
@@ -77,6 +103,14 @@ def main() -> None:
         seconds = seconds_per_step(joint, fused, channels_last, args.steps)
         first = first or seconds
         lines.append(f"| {name} | {seconds:.3f} | {seconds / first:.2f} |")
+        print(lines[-1], flush=True)
+    lines += ["", "| reg_weight=0, prior term logged on | s / step | ratio to 'every step' |", "|---|---|---|"]
+    every = None
+    for log_every in (1, 5):
+        seconds = seconds_per_noreg_step(log_every, args.steps)
+        every = every or seconds
+        lines.append(f"| {'every step' if log_every == 1 else f'every {log_every}th step'} | {seconds:.3f} | "
+                     f"{seconds / every:.2f} |")
         print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
