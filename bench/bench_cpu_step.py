@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -42,53 +43,61 @@ def batch(generator: torch.Generator, caption: str, size: int = 4) -> dict:
             "c_concat": torch.rand(size, 3, 64, 64, generator=generator) * 2 - 1, "caption": [caption] * size}
 
 
-def seconds_per_step(joint: bool, fused: bool, channels_last: bool, steps: int) -> float:
+def shapesworld_model(channels_last: bool = True) -> torch.nn.Module:
+    """The ShapesWorld fine-tuning model with random weights (seed 0), in training mode."""
     config = OmegaConf.load(REPO / "configs/shapesworld/personalize.yaml").model
     config.params.channels_last = channels_last
     torch.manual_seed(0)
-    model = instantiate_from_config(config).train()
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if fused else torch.optim.AdamW(
-        params, lr=1e-5, foreach=False)
+    return instantiate_from_config(config).train()
+
+
+def timed_steps(optimizer: torch.optim.Optimizer, steps: int, step: Callable[..., None]) -> list[float]:
+    """Seconds of ``steps`` training steps after one warm-up: ``step(i, train, reg, generators)`` (losses and
+    backward) on fresh subject and prior batches, then the optimizer step."""
     data = torch.Generator().manual_seed(0)
     times = []
     for i in range(steps + 1):
         train, reg = batch(data, "replace the circle with a sks star"), batch(data, "replace the circle with a star")
         generators = torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(2 * i + 1)
         start = time.perf_counter()
+        step(i, train, reg, generators)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def seconds_per_step(joint: bool, fused: bool, channels_last: bool, steps: int) -> float:
+    """Median seconds per prior-preservation step of one case of `CASES`."""
+    model = shapesworld_model(channels_last)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if fused else torch.optim.AdamW(
+        params, lr=1e-5, foreach=False)
+
+    def step(i, train, reg, generators):
         if joint:
             (loss_train, _), (loss_reg, _) = model.joint_step(train, reg, generators)
         else:
             loss_train, _ = model.shared_step(train, generators[0])
             loss_reg, _ = model.shared_step(reg, generators[1])
         prior_preservation_loss(loss_train, loss_reg, 1.0).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+
+    return statistics.median(timed_steps(optimizer, steps, step))
 
 
 def seconds_per_noreg_step(log_every: int, steps: int) -> float:
     """Mean seconds per ``reg_weight=0`` step (as `training_step` runs it) when the logged-only prior term is
     computed on every ``log_every``-th step; the ShapesWorld config's channels-last weights, fused AdamW."""
-    config = OmegaConf.load(REPO / "configs/shapesworld/personalize.yaml").model
-    torch.manual_seed(0)
-    model = instantiate_from_config(config).train()
+    model = shapesworld_model()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, fused=True)
-    data = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(steps + 1):
-        train, reg = batch(data, "replace the circle with a sks star"), batch(data, "replace the circle with a star")
-        generators = torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(2 * i + 1)
-        start = time.perf_counter()
+
+    def step(i, train, reg, generators):
         model.shared_step(train, generators[0])[0].backward()
         if i % log_every == 0:
             with torch.no_grad():
                 model.shared_step(reg, generators[1])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return statistics.mean(times[1:])
+
+    return statistics.mean(timed_steps(optimizer, steps, step))
 
 
 def main() -> None:
