@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # The fast tier runs tiny models, where a second OpenMP thread gains little and, on a busy machine, spin-waiting
-# threads slow every op several-fold. One thread here and in the CLIs the tests launch (I2D_TEST_THREADS overrides).
+# threads slow every op several-fold. One thread here and in the CLIs the tests launch (I2D_TEST_THREADS overrides;
+# the slow ShapesWorld demo test lifts it, to run the demo as a user does).
 THREADS = os.environ.get("I2D_TEST_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", THREADS)
 os.environ.setdefault("MKL_NUM_THREADS", THREADS)
