@@ -342,8 +342,10 @@ def write_report(out: Path, table: dict, per_subject: dict, subjects: tuple[Subj
         + f", seed {args.seed}. Fine-tuning: {args.finetune_steps} "
         f"steps ({noreg}), learning rate {args.lr:g}, batch {args.batch} + {args.batch} "
         f"(subject + regularization pairs), {args.subject_photos} subject photos × {args.samples_per_image} reverse "
-        f"edits × (1 + {len(args.variants)} recoloured by the base model: {', '.join(args.variants) or 'none'}) made "
-        f"at text guidance {args.pairs_cfg_text:g}, "
+        f"edit{'s' if args.samples_per_image != 1 else ''}"
+        + (f" × (1 + {len(args.variants)} recoloured by the base model: {', '.join(args.variants)})"
+           if args.variants else "")
+        + f" made at text guidance {args.pairs_cfg_text:g}, "
         + (f"each stand-in recoloured at random with probability {args.recolour_p:g} whenever the fine-tunes draw "
            "it, " if args.recolour_p > 0 else "")
         + f"{args.reg_pairs} regularization pairs per subject from real photos"

@@ -299,6 +299,7 @@ def test_a_tiny_demo_runs_every_stage_with_its_guidance(tmp_path):
     assert "loss_reg, on every 5th step" in report
     assert "text guidance 2.5" in report and "made at text guidance 1.25" in report and "the paired prior" in report
     assert "recoloured at random with probability 0.5" in report
+    assert "1 subject photos × 1 reverse edit × (1 + 1 recoloured by the base model: white) made" in report
     assert "also trains on 2 labelled pairs per subject" in report and "a labelled pair (real circle" in report
     assert "the identifier prompt with contrast guidance 1.5 against the class prompt" in report
     edits = {kind: json.loads(Image.open(out / "edits" / "striped_star" / "finetuned_reg" / kind / "000.png")
@@ -327,6 +328,7 @@ def test_a_tiny_demo_without_labelled_pairs_trains_only_what_it_scores(tmp_path)
     assert sorted(p.name for p in (out / "data" / "striped_star").iterdir()) == ["regularization", "training"]
     report = (out / "report.md").read_text()
     assert "labelled" not in report and "no reg_weight=0 run" in report
+    assert "1 subject photos × 1 reverse edit made at text guidance 1.5" in report  # no follow-up colours to list
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
