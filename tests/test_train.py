@@ -80,7 +80,8 @@ def run_dir(workspace, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def straight_run(workspace) -> Path:
-    run_main(workspace, *base_args(workspace), "-t", "-n", "straight", "--max_steps", "4")
+    workspace["straight_stderr"] = run_main(workspace, *base_args(workspace), "-t", "-n", "straight",
+                                            "--max_steps", "4").stderr
     return run_dir(workspace, "straight")
 
 
@@ -111,6 +112,9 @@ def test_cli_writes_checkpoints_images_metrics_and_export(workspace, straight_ru
     weights = load_file(str(export))
     assert not any(k.startswith("model_ema.") for k in weights)
     assert torch.equal(weights["model.diffusion_model.out.2.weight"], checkpoint["state_dict"]["model.diffusion_model.out.2.weight"])
+    # Lightning's warnings that a user can do nothing about stay out of the log (main.py filters them).
+    for noise in ("LeafSpec", "in eval mode at the start of training"):
+        assert noise not in workspace["straight_stderr"], noise
 
 
 def test_resume_is_exact(workspace, straight_run):
